@@ -1,0 +1,176 @@
+"""The Python API, which the command line uses too: plan, then run the one streaming pass.
+
+>>> from ckpt_ema import plan_merge, merge, merge_to_state_dict
+>>> plan = plan_merge(["runs/"], decay=[0.999], sigma_rel=[0.1])   # headers only
+>>> plan.coefficient_matrix()                                       # (outputs x checkpoints)
+>>> merge(["runs/"], "ema.safetensors", decay=[0.999])              # -> [Path("ema.safetensors")]
+>>> merge_to_state_dict(["runs/"], decay=[0.999])["decay-0.999"]    # {name: tensor}
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .engine import DEFAULT_CHUNK_ELEMENTS, MemorySink, MergePass
+from .errors import OutputError
+from .plan import Plan, plan_ema
+from .series import load_series
+from .targets import parse_targets
+from .writer import SafetensorsWriter, remove_stale_temps
+
+SUFFIX = ".safetensors"
+Numbers = Sequence[float | str]
+
+
+def plan_merge(
+    inputs: Sequence[str | os.PathLike],
+    *,
+    decay: Numbers = (),
+    half_life: Numbers = (),
+    sigma_rel: Numbers = (),
+    gamma: Numbers = (),
+    at: int | None = None,
+    steps: Sequence[int] | None = None,
+    init: str | os.PathLike | None = None,
+    interp: str = "linear",
+    per_checkpoint: bool = False,
+    dtype: str = "same",
+) -> Plan:
+    """Find the series, its steps and each output's coefficients, reading only file headers.
+
+    Args:
+        inputs: checkpoint files, or folders holding them, in any order (sorted by step).
+        decay, half_life, sigma_rel, gamma: targets (decay per optimizer step; half-life in steps).
+        at: target step (a checkpoint's step); default the last one. Later checkpoints are ignored.
+        steps: explicit steps, one per input file in the order given.
+        init: the weights at step 0, e.g. the base model a fine-tune started from.
+        interp: ``"linear"`` or ``"hold"``: how the weights move between checkpoints.
+        per_checkpoint: each checkpoint is one EMA update (musubi-tuner style), steps ignored.
+        dtype: ``"same"`` (the checkpoints' dtype), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+    """
+    targets = parse_targets(decay=decay, half_life=half_life, sigma_rel=sigma_rel, gamma=gamma)
+    checkpoints = load_series(inputs, steps=steps, init=init, per_checkpoint=per_checkpoint)
+    return plan_ema(checkpoints, targets, at=at, interp=interp, per_checkpoint=per_checkpoint, dtype=dtype)
+
+
+def output_paths(plan: Plan, output: str | os.PathLike, force: bool = False) -> list[Path]:
+    """Where each output goes: ``output`` itself for one target, ``output/NAME.safetensors`` for several.
+
+    An existing folder (or a path ending in ``/``) is always taken as the folder to write into. Refuses
+    to write over an input (or a hard link to one), or over an existing file without ``force``.
+    """
+    out = Path(output)
+    as_folder = len(plan.outputs) > 1 or out.is_dir() or str(output).endswith(os.sep)
+    paths = [out / f"{o.name}{SUFFIX}" for o in plan.outputs] if as_folder else [out]
+    inputs = [c.path for c in plan.checkpoints + plan.ignored]
+    input_ids = {_file_id(p): p for p in inputs}
+    for path in paths:
+        if path.exists() and path.is_dir():
+            raise OutputError(f"{path}: is a folder; give a file name for the output")
+        if path.exists() and _file_id(path) in input_ids:
+            raise OutputError(f"{path}: is an input ({input_ids[_file_id(path)]}); choose another output")
+        if path.exists() and not force:
+            raise OutputError(f"{path}: already exists; pass --force to replace it")
+    return paths
+
+
+class MergeJob:
+    """One pass writing every output of a plan to its file; iterate to run it, then ``commit()``.
+
+    Used as a context manager, any error (or interruption) removes all temporary files.
+    """
+
+    def __init__(
+        self,
+        plan: Plan,
+        paths: Sequence[Path],
+        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        on_warning: Callable[[str], None] | None = None,
+    ) -> None:
+        self.paths = list(paths)
+        self.writers: list[SafetensorsWriter] = []
+        for folder in {p.parent for p in self.paths}:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
+            remove_stale_temps(folder)
+        try:
+            for output, path in zip(plan.outputs, self.paths):
+                self.writers.append(SafetensorsWriter(path, plan.tensors, output_metadata(plan, output)))
+        except BaseException:
+            self.abort()
+            raise
+        self.merge_pass = MergePass(plan, self.writers, chunk_elements, on_warning)
+        self.total_bytes = self.merge_pass.total_bytes
+
+    def __len__(self) -> int:
+        return len(self.merge_pass)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.merge_pass)
+
+    def commit(self) -> list[Path]:
+        for writer in self.writers:
+            writer.commit()
+        return self.paths
+
+    def abort(self) -> None:
+        for writer in self.writers:
+            writer.abort()
+
+    def __enter__(self) -> MergeJob:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+def output_metadata(plan: Plan, output: object) -> dict[str, str]:
+    """The newest input's metadata, then ``format: pt`` and the ``ckpt_ema.*`` provenance (SPEC §6)."""
+    carried = {k: v for k, v in plan.newest.source.metadata.items() if not k.startswith("ckpt_ema.")}
+    return {**carried, "format": "pt", **plan.provenance(output)}  # type: ignore[arg-type]
+
+
+def merge(
+    inputs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    force: bool = False,
+    on_warning: Callable[[str], None] | None = None,
+    **options: object,
+) -> list[Path]:
+    """Compute the EMA targets of a series and write them; returns the output paths.
+
+    ``options`` are those of :func:`plan_merge`. One target writes ``output``; several write
+    ``output/NAME.safetensors`` (e.g. ``decay-0.999.safetensors``).
+    """
+    plan = plan_merge(inputs, **options)  # type: ignore[arg-type]
+    paths = output_paths(plan, output, force=force)
+    with MergeJob(plan, paths, on_warning=on_warning) as job:
+        for _ in job:
+            pass
+        return job.commit()
+
+
+def merge_to_state_dict(
+    inputs: Sequence[str | os.PathLike],
+    on_warning: Callable[[str], None] | None = None,
+    **options: object,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Like :func:`merge`, but return ``{output name: state dict}`` in memory (for models that fit)."""
+    plan = plan_merge(inputs, **options)  # type: ignore[arg-type]
+    sinks = [MemorySink(plan.tensors) for _ in plan.outputs]
+    for _ in MergePass(plan, sinks, on_warning=on_warning):
+        pass
+    return {o.name: sink.state_dict for o, sink in zip(plan.outputs, sinks)}
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino

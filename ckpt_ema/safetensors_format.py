@@ -1,0 +1,201 @@
+"""Reading safetensors files: a strict header parser and zero-copy, memory-mapped tensor views.
+
+The header is parsed here rather than by the ``safetensors`` package so that every malformed or hostile
+file is refused with a message naming the file and the problem, before any tensor data is touched, and so
+that tensors can be read in chunks straight from the page cache (no whole-tensor copies).
+
+Format: 8 bytes little-endian header length N, N bytes of JSON
+``{name: {"dtype": str, "shape": [int], "data_offsets": [begin, end]}, "__metadata__": {str: str}}``,
+then the data; offsets are relative to the end of the header.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# safetensors dtype name -> (torch dtype, bytes per element, is floating point)
+DTYPES: dict[str, tuple[torch.dtype, int, bool]] = {
+    "F64": (torch.float64, 8, True),
+    "F32": (torch.float32, 4, True),
+    "F16": (torch.float16, 2, True),
+    "BF16": (torch.bfloat16, 2, True),
+    "F8_E4M3": (torch.float8_e4m3fn, 1, True),
+    "F8_E5M2": (torch.float8_e5m2, 1, True),
+    "I64": (torch.int64, 8, False),
+    "I32": (torch.int32, 4, False),
+    "I16": (torch.int16, 2, False),
+    "I8": (torch.int8, 1, False),
+    "U8": (torch.uint8, 1, False),
+    "U16": (torch.uint16, 2, False),
+    "U32": (torch.uint32, 4, False),
+    "U64": (torch.uint64, 8, False),
+    "BOOL": (torch.bool, 1, False),
+}
+TORCH_TO_NAME = {torch_dtype: name for name, (torch_dtype, _, _) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a file: dtype name (``"BF16"``), shape, absolute byte range."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return DTYPES[self.dtype][2]
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """The parsed header of one safetensors file."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and validate the header of a safetensors file; raise ``InputError`` naming the file.
+
+    Checks: header length within the file and under 100 MB, valid JSON object, no duplicate keys, known
+    dtypes, non-negative integer shapes, byte ranges inside the data area that match the shape and do
+    not overlap, and string-to-string metadata.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InputError(f"{path}: not a safetensors file (only {file_size} bytes)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(MAX_HEADER_BYTES, file_size - 8):
+                raise InputError(
+                    f"{path}: not a safetensors file or truncated (header claims {header_len} bytes, "
+                    f"file has {file_size})"
+                )
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: not a safetensors file (header is not valid JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(f"{path}: __metadata__ must map strings to strings")
+    tensors = {name: _parse_entry(path, name, entry, data_start, data_size) for name, entry in header.items()}
+    _check_no_overlap(path, tensors)
+    return SafetensorsHeader(path, tensors, dict(metadata), data_start, file_size)
+
+
+class SafetensorsReader:
+    """Zero-copy access to the tensors of one safetensors file through a private read-only mapping."""
+
+    def __init__(self, header: SafetensorsHeader) -> None:
+        self.header = header
+        self._map: mmap.mmap | None = None
+
+    def flat(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as a 1-D view in its stored dtype (no copy when the data is aligned)."""
+        info = self.header.tensors[name]
+        torch_dtype = DTYPES[info.dtype][0]
+        if info.numel == 0:
+            return torch.empty(0, dtype=torch_dtype)
+        buffer = self._mapping()
+        if info.begin % info.itemsize == 0:
+            return torch.frombuffer(buffer, dtype=torch_dtype, count=info.numel, offset=info.begin)
+        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
+        return raw.clone().view(torch_dtype)  # misaligned data (header not padded): copy once
+
+    def raw_bytes(self, name: str) -> memoryview:
+        info = self.header.tensors[name]
+        if info.nbytes == 0:
+            return memoryview(b"")
+        return memoryview(self._mapping())[info.begin : info.end]
+
+    def _mapping(self) -> mmap.mmap:
+        if self._map is None:
+            path = self.header.path
+            try:
+                with open(path, "rb") as f:
+                    if os.fstat(f.fileno()).st_size != self.header.file_size:
+                        raise InputError(f"{path}: the file changed size while being read")
+                    # ACCESS_COPY: a private mapping torch can view as writable; the file is never written.
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except OSError as exc:
+                raise InputError(f"{path}: cannot map ({exc.strerror or exc})") from None
+        return self._map
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+    def bad(problem: str) -> InputError:
+        return InputError(f"{path}: tensor {name!r}: {problem}")
+
+    if not isinstance(entry, dict):
+        raise bad("entry is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise bad(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"shape must be a list of non-negative integers, got {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_size
+    ):
+        raise bad(f"data_offsets {offsets!r} outside the data area of {data_size} bytes (truncated file?)")
+    expected = math.prod(shape) * DTYPES[dtype][1]
+    if offsets[1] - offsets[0] != expected:
+        raise bad(f"shape {shape} of {dtype} needs {expected} bytes but data_offsets span {offsets[1] - offsets[0]}")
+    return TensorInfo(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    spans = sorted((info.begin, info.end, name) for name, info in tensors.items() if info.nbytes)
+    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise InputError(f"{path}: tensors {name_a!r} and {name_b!r} overlap in the file")

@@ -1,0 +1,89 @@
+"""Finding the optimizer step a checkpoint stands for, from its name and its trainer's record (SPEC §1).
+
+Order of precedence: ``--steps`` (handled by the caller), the trainer's record (metadata such as ``step``,
+``global_step``, kohya's ``ss_steps``), a number the name labels as a step, and last a bare trailing number
+(ambiguous: kohya names epoch saves ``name-000005``), which is flagged so the user is told. A number the
+name labels as an epoch is never a step. A record and a labelled name that disagree is an error.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import StepError
+
+# Metadata keys that hold the global optimizer step at save time, most specific first.
+METADATA_STEP_KEYS = ("global_step", "step", "ss_steps")
+
+_LABELLED_PATTERNS = (
+    # OneTrainer: {name}-backup-{step}-{epoch}-{epoch_step}, {name}-save-{step}-{epoch}-{epoch_step}
+    ("OneTrainer name", re.compile(r"(?:^|[-_])(?:backup|save)-(\d+)-\d+-\d+(?:$|[^0-9])")),
+    # step-001000, step=1000, step_1000, step00001000, global_step1000, epoch=3-step=1000
+    ("name", re.compile(r"(?:^|[^a-z0-9])(?:global_)?steps?[-_=]?(\d+)(?![0-9])", re.IGNORECASE)),
+    # Hugging Face Trainer: checkpoint-1000
+    ("name", re.compile(r"(?:^|[^a-z0-9])checkpoint[-_](\d+)(?![0-9])", re.IGNORECASE)),
+    # Megatron / mmengine: iter_1000, iter-1000, iter1000
+    ("name", re.compile(r"(?:^|[^a-z0-9])iter(?:ation)?[-_=]?(\d+)(?![0-9])", re.IGNORECASE)),
+)
+_EPOCH_LABEL = re.compile(r"(?:^|[^a-z0-9])epoch[-_=]?\d+$", re.IGNORECASE)
+_BARE_TRAILING = re.compile(r"(?:^|[-_.])(\d+)$")
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """A checkpoint's step and where it came from; ``ambiguous`` when taken from a bare trailing number."""
+
+    step: int
+    source: str
+    ambiguous: bool = False
+
+
+def step_from_metadata(metadata: Mapping[str, str]) -> tuple[int, str] | None:
+    """The step recorded by the trainer in safetensors metadata, as ``(step, "metadata 'key'")``."""
+    for key in METADATA_STEP_KEYS:
+        value = metadata.get(key)
+        if value is not None and str(value).strip().isdigit():
+            return int(str(value).strip()), f"metadata {key!r}"
+    return None
+
+
+def step_from_name(stem: str) -> tuple[int, str, bool] | None:
+    """The step a file or folder name states, as ``(step, source, ambiguous)``, or None.
+
+    Raises ``StepError`` when the name carries two different labelled steps.
+    """
+    found: dict[int, str] = {}
+    for source, pattern in _LABELLED_PATTERNS:
+        for match in pattern.finditer(stem):
+            found.setdefault(int(match.group(1)), f"{source} {match.group(0).strip('-_.=')!r}")
+    if len(found) > 1:
+        raise StepError(f"{stem}: the name labels several different steps ({', '.join(map(str, sorted(found)))})")
+    if found:
+        step, source = next(iter(found.items()))
+        return step, source, False
+    bare = _BARE_TRAILING.search(stem)
+    if bare and not _EPOCH_LABEL.search(stem):
+        return int(bare.group(1)), f"bare trailing number {bare.group(1)!r} in the name", True
+    return None
+
+
+def detect_step(label: str, stem: str, metadata: Mapping[str, str]) -> StepInfo:
+    """Combine the sources for one checkpoint (``label`` names it in messages, ``stem`` is its name)."""
+    recorded = step_from_metadata(metadata)
+    named = step_from_name(stem)
+    if recorded is not None:
+        step, source = recorded
+        if named is not None and not named[2] and named[0] != step:
+            raise StepError(
+                f"{label}: the trainer's {source} says step {step} but the {named[1]} says {named[0]}; "
+                "pass --steps to say which is right"
+            )
+        return StepInfo(step, source)
+    if named is not None:
+        return StepInfo(named[0], named[1], named[2])
+    raise StepError(
+        f"{label}: no step found (no step metadata, no step in the name); pass --steps S0,S1,... "
+        "(one per input, in the order given) or --per-checkpoint"
+    )
