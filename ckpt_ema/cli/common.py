@@ -1,9 +1,8 @@
-"""The ``ckpt-ema`` command line: the only module that imports click or tqdm."""
+"""Pieces shared by the commands: option groups, parameter types, error handling."""
 
 from __future__ import annotations
 
 import functools
-import json
 import signal
 import sys
 from collections.abc import Callable
@@ -11,16 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-from tqdm import tqdm
 
-from . import __version__
-from .api import MergeJob, output_paths, plan_merge
-from .errors import CkptEmaError
-from .plan import OUTPUT_DTYPES, Plan
-from .report import describe_output, describe_plan
+from ..api import plan_merge
+from ..errors import CkptEmaError
+from ..plan import OUTPUT_DTYPES, Plan
 
 
-class _StepList(click.ParamType):
+class StepList(click.ParamType):
     """``100,200,300``: one step per input."""
 
     name = "S0,S1,..."
@@ -41,7 +37,7 @@ class _Terminated(Exception):
     """SIGTERM arrived; unwinds like Ctrl-C so temporary files are removed."""
 
 
-def _series_options(command: Callable[..., Any]) -> Callable[..., Any]:
+def series_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Inputs and targets, shared by ``merge`` and ``plan``."""
     options = [
         click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path)),
@@ -65,9 +61,7 @@ def _series_options(command: Callable[..., Any]) -> Callable[..., Any]:
             metavar="STEP",
             help="The EMA as of this step (a checkpoint's); later ones are ignored.",
         ),
-        click.option(
-            "--steps", type=_StepList(), help="Steps of the inputs, in the order given (overrides detection)."
-        ),
+        click.option("--steps", type=StepList(), help="Steps of the inputs, in the order given (overrides detection)."),
         click.option("--per-checkpoint", is_flag=True, help="Each checkpoint is one EMA update (ignores step counts)."),
         click.option(
             "--init",
@@ -96,7 +90,7 @@ def _series_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _plan_from(options: dict[str, Any]) -> Plan:
+def plan_from(options: dict[str, Any]) -> Plan:
     return plan_merge(
         options["inputs"],
         decay=options["decay"],
@@ -112,7 +106,7 @@ def _plan_from(options: dict[str, Any]) -> Plan:
     )
 
 
-def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn ckpt-ema errors into one line and exit 1; Ctrl-C into exit 130, SIGTERM into exit 143."""
 
     @functools.wraps(command)
@@ -135,77 +129,3 @@ def _user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             signal.signal(signal.SIGTERM, previous)
 
     return wrapper
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="ckpt-ema")
-def main() -> None:
-    """Post-hoc EMA of training checkpoints: choose the EMA decay after training."""
-
-
-@main.command()
-@_series_options
-@click.option(
-    "-o",
-    "--output",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Output file (one target) or folder (several).",
-)
-@click.option("--force", is_flag=True, help="Replace existing output files.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
-@_user_errors
-def merge(output: Path, force: bool, quiet: bool, **options: Any) -> None:
-    """Write the EMA of a checkpoint series for each target, in one pass over the files.
-
-    \b
-    Examples:
-      ckpt-ema merge runs/*.safetensors --decay 0.999 -o ema.safetensors
-      ckpt-ema merge runs/ --decay 0.99 --decay 0.999 --sigma-rel 0.10 -o out/
-      ckpt-ema merge runs/ --half-life 500 --init base.safetensors -o ema.safetensors
-    """
-    plan = _plan_from(options)
-    paths = output_paths(plan, output, force=force)
-    for warning in plan.warnings:
-        click.echo(f"warning: {warning}", err=True)
-
-    def warn(message: str) -> None:
-        tqdm.write(f"warning: {message}", file=sys.stderr)
-
-    with MergeJob(plan, paths, on_warning=warn) as job:
-        with tqdm(
-            total=job.total_bytes,
-            unit="B",
-            unit_scale=True,
-            desc="merge",
-            disable=True if quiet else None,
-            file=sys.stderr,
-        ) as bar:
-            for done in job:
-                bar.update(done)
-        job.commit()
-    if options["as_json"]:
-        summary = plan.to_json()
-        for entry, path in zip(summary["outputs"], paths):  # type: ignore[union-attr]
-            entry["path"] = str(path)
-        click.echo(json.dumps(summary, indent=2))
-    elif not quiet:
-        for out, path in zip(plan.outputs, paths):
-            click.echo(f"wrote {path}  ({describe_output(plan, out)})")
-
-
-@main.command("plan")
-@_series_options
-@_user_errors
-def plan_command(**options: Any) -> None:
-    """Show what merge would compute, reading only the files' headers.
-
-    \b
-    Example:
-      ckpt-ema plan runs/*.safetensors --half-life 500 --sigma-rel 0.1
-    """
-    plan = _plan_from(options)
-    if options["as_json"]:
-        click.echo(json.dumps(plan.to_json(), indent=2))
-    else:
-        click.echo(describe_plan(plan))

@@ -1,0 +1,19 @@
+"""The ``ckpt-ema`` command line: the only package that imports click or tqdm.
+
+Each command lives in its own module and registers itself on ``main``.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ckpt-ema")
+def main() -> None:
+    """Post-hoc EMA of training checkpoints: choose the EMA decay after training."""
+
+
+from . import merge  # noqa: E402, F401  (registers merge, plan)

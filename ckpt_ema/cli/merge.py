@@ -1,0 +1,84 @@
+"""``ckpt-ema merge`` and ``ckpt-ema plan``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from ..api import MergeJob, output_paths
+from ..report import describe_output, describe_plan
+from . import main
+from .common import plan_from, series_options, user_errors
+
+
+@main.command()
+@series_options
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output file (one target) or folder (several).",
+)
+@click.option("--force", is_flag=True, help="Replace existing output files.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@user_errors
+def merge(output: Path, force: bool, quiet: bool, **options: Any) -> None:
+    """Write the EMA of a checkpoint series for each target, in one pass over the files.
+
+    \b
+    Examples:
+      ckpt-ema merge runs/*.safetensors --decay 0.999 -o ema.safetensors
+      ckpt-ema merge runs/ --decay 0.99 --decay 0.999 --sigma-rel 0.10 -o out/
+      ckpt-ema merge runs/ --half-life 500 --init base.safetensors -o ema.safetensors
+    """
+    plan = plan_from(options)
+    paths = output_paths(plan, output, force=force)
+    for warning in plan.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+    def warn(message: str) -> None:
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+
+    with MergeJob(plan, paths, on_warning=warn) as job:
+        with tqdm(
+            total=job.total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="merge",
+            disable=True if quiet else None,
+            file=sys.stderr,
+        ) as bar:
+            for done in job:
+                bar.update(done)
+        job.commit()
+    if options["as_json"]:
+        summary = plan.to_json()
+        for entry, path in zip(summary["outputs"], paths):  # type: ignore[union-attr]
+            entry["path"] = str(path)
+        click.echo(json.dumps(summary, indent=2))
+    elif not quiet:
+        for out, path in zip(plan.outputs, paths):
+            click.echo(f"wrote {path}  ({describe_output(plan, out)})")
+
+
+@main.command("plan")
+@series_options
+@user_errors
+def plan_command(**options: Any) -> None:
+    """Show what merge would compute, reading only the files' headers.
+
+    \b
+    Example:
+      ckpt-ema plan runs/*.safetensors --half-life 500 --sigma-rel 0.1
+    """
+    plan = plan_from(options)
+    if options["as_json"]:
+        click.echo(json.dumps(plan.to_json(), indent=2))
+    else:
+        click.echo(describe_plan(plan))
