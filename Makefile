@@ -1,0 +1,37 @@
+# ckpt-ema: `make demo` and `make test` work on a fresh machine (they install into .venv first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# torch's CPU build: pinned so that pip never pulls a multi-GB CUDA build on a CPU machine.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m ckpt_ema.demo
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check ckpt_ema tests benchmarks
+	$(VENV)/bin/ruff format --check ckpt_ema tests benchmarks
+
+format: install
+	$(VENV)/bin/ruff format ckpt_ema tests benchmarks
+
+bench: install
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out
