@@ -20,21 +20,23 @@ Time is continuous; steps are used as given (floats). Inner products are L2 over
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from .errors import TargetError
+from .kernels import SIGMA_REL_MAX, sigma_rel_to_gamma
 
 __all__ = [
     "Reconstruction",
     "exp_exp_inner",
     "exp_power_inner",
-    "gamma_to_sigma_rel",
     "power_inner",
-    "sigma_rel_to_gamma",
     "solve_reconstruction",
+    "tracked_gammas",
+    "truncated_exp_sigma_rel",
 ]
 
 # Above this condition number of A the plain solve is replaced by an SVD least-squares solve with cutoff.
@@ -94,44 +96,51 @@ def _rate(name: str, decay: object) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# sigma_rel <-> gamma (SPEC §3)
+# tracked profiles given by the user (SPEC §3; the sigma_rel <-> gamma conversion lives in kernels)
 # --------------------------------------------------------------------------------------------------
 
 
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """gamma for a relative width sigma_rel, 0 < sigma_rel < 1/sqrt(12).
+def tracked_gammas(sigma_rels: Sequence[object] = (), gammas: Sequence[object] = ()) -> tuple[float, ...]:
+    """The exponents of the tracked power EMAs, from ``--tracked-sigma-rel`` or ``--tracked-gamma``.
 
-    Largest real root of ``g^3 + 7g^2 + (16 - s^-2) g + (12 - s^-2) = 0`` (SPEC §3, EDM2 eq. for
-    sigma_rel), found with ``np.roots`` and polished by Newton steps in float64.
+    The order is the user's (an ema-pytorch folder's file ``{index}.{step}.pt`` belongs to entry
+    ``index``). Raises TargetError naming the option when both or neither list is given, a value is out
+    of range (0 < sigma_rel < 1/sqrt(12), gamma > 0) or a profile is listed twice.
     """
-    s = _real("sigma_rel", sigma_rel)
-    if not 0.0 < s < 1.0 / math.sqrt(12.0):
-        raise TargetError(f"sigma_rel must be in (0, 1/sqrt(12) ~ 0.2887), got {s:g}")
-    k = 1.0 / (s * s)
-    coeffs = (1.0, 7.0, 16.0 - k, 12.0 - k)
-    roots = np.roots(coeffs)
-    real = roots[np.abs(roots.imag) <= 1e-7 * np.maximum(1.0, np.abs(roots.real))].real
-    g = float(real.max()) if real.size else float(roots.real.max())
-    # Newton polish; the root is simple (f'(g) > 0 at the largest root).
-    for _ in range(4):
-        f = ((g + 7.0) * g + (16.0 - k)) * g + (12.0 - k)
-        df = (3.0 * g + 14.0) * g + (16.0 - k)
-        if df == 0.0:
-            break
-        step = f / df
-        g -= step
-        if abs(step) <= 1e-16 * max(1.0, abs(g)):
-            break
-    # Cannot happen inside the valid range; guards against a root-finder surprise.
-    if not g > 0.0:
-        raise TargetError(f"sigma_rel {s:g} gives no positive gamma")
-    return g
+    if bool(sigma_rels) == bool(gammas):
+        raise TargetError("give the tracked EMA profiles once: --tracked-sigma-rel or --tracked-gamma")
+    option = "--tracked-sigma-rel" if sigma_rels else "--tracked-gamma"
+    result = []
+    for value in sigma_rels or gammas:
+        number = _real(f"{option} {value}", value)
+        if sigma_rels:
+            try:
+                result.append(sigma_rel_to_gamma(number))
+            except ValueError:
+                raise TargetError(
+                    f"{option} {value}: sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}) (1/sqrt(12))"
+                ) from None
+        elif number > 0.0:
+            result.append(number)
+        else:
+            raise TargetError(f"{option} {value}: gamma must be > 0")
+    if len(set(result)) != len(result):
+        raise TargetError(f"{option}: a tracked profile is listed twice")
+    return tuple(result)
 
 
-def gamma_to_sigma_rel(gamma: float) -> float:
-    """Relative standard deviation of a power profile: ``sqrt((g+1) / ((g+2)^2 (g+3)))`` (SPEC §3)."""
-    g = _gamma("gamma", gamma)
-    return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
+def truncated_exp_sigma_rel(t: float, decay: float) -> float:
+    """Relative standard deviation (std / t) of the exponential profile truncated to ``[0, t]``.
+
+    ``t - tau`` is exponential with rate ``lam = -ln decay`` truncated to ``[0, t]``; its variance is
+    ``1/lam^2 - t^2 / (4 sinh^2(lam t / 2))`` (``-> t^2/12``, the uniform profile, as ``lam t -> 0``,
+    where the series ``1/12 - x^2/240 + x^4/6048`` replaces the cancelling difference).
+    """
+    x = _rate("decay", decay) * _time("t", t)
+    if x < 1e-2:
+        x2 = x * x
+        return math.sqrt(1.0 / 12.0 - x2 / 240.0 + x2 * x2 / 6048.0)
+    return math.sqrt(max(1.0 / (x * x) - 1.0 / (4.0 * math.sinh(0.5 * x) ** 2), 0.0)) if x < 700.0 else 1.0 / x
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 
 from ckpt_ema.errors import TargetError
+from ckpt_ema.kernels import gamma_to_sigma_rel, sigma_rel_to_gamma
 from ckpt_ema.reconstruct import (
     Reconstruction,
     exp_exp_inner,
     exp_power_inner,
-    gamma_to_sigma_rel,
     power_inner,
-    sigma_rel_to_gamma,
     solve_reconstruction,
+    tracked_gammas,
+    truncated_exp_sigma_rel,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -129,8 +130,40 @@ def test_gamma_round_trip(gamma):
 
 @pytest.mark.parametrize("sigma", [0.0, -0.1, 1 / math.sqrt(12), 0.3, float("nan"), float("inf")])
 def test_sigma_rel_out_of_range(sigma):
-    with pytest.raises(TargetError):
+    with pytest.raises(ValueError):
         sigma_rel_to_gamma(sigma)
+    with pytest.raises(TargetError, match="--tracked-sigma-rel"):
+        tracked_gammas(sigma_rels=[0.05, sigma])
+
+
+def test_tracked_gammas_in_the_users_order():
+    g05, g10 = tracked_gammas(sigma_rels=["0.05", 0.10])
+    assert (round(g05, 2), round(g10, 2)) == (16.97, 6.94)
+    assert tracked_gammas(gammas=[6.94, "16.97"]) == (6.94, 16.97)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({}, "--tracked-sigma-rel or --tracked-gamma"),
+        ({"sigma_rels": [0.05], "gammas": [6.94]}, "--tracked-sigma-rel or --tracked-gamma"),
+        ({"gammas": [0.0]}, "--tracked-gamma 0.0: gamma must be > 0"),
+        ({"gammas": ["x"]}, "--tracked-gamma x"),
+        ({"sigma_rels": [0.05, 0.05]}, "listed twice"),
+    ],
+)
+def test_tracked_gammas_reject(kwargs, message):
+    with pytest.raises(TargetError, match=message):
+        tracked_gammas(**kwargs)
+
+
+@pytest.mark.parametrize(("t", "decay"), [(1000.0, 0.999), (1000.0, 0.99), (50.0, 0.9999999), (2000.0, 0.5)])
+def test_truncated_exp_sigma_rel_matches_quadrature(t, decay):
+    lam = -math.log(decay)
+    dens = ref_exp_density(t, decay)
+    mean = ref_integrate(lambda u: u * dens(u), t, lam)
+    var = ref_integrate(lambda u: (u - mean) ** 2 * dens(u), t, lam)
+    assert truncated_exp_sigma_rel(t, decay) == pytest.approx(math.sqrt(var) / t, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------
