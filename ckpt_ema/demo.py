@@ -107,7 +107,7 @@ def main(out_dir: str = "demo-out") -> None:
     moved_fp32 = sum(float((fp32_ema[k].float() - base[k].float()).norm()) for k in base)
     print(
         f"\nThe trainer's BF16 EMA at decay 0.999 moved only {moved / moved_fp32:.0%} as far from the start as the same "
-        "EMA computed in FP32:\nmost of its per-step updates rounded to nothing. Post-hoc, every candidate came "
+        "EMA computed in FP32:\nmany of its per-step updates were below BF16 precision and rounded away. Post-hoc, every candidate came "
         f"from one pass over the same checkpoints;\nthe best here is {best[0].split()[-1]}."
     )
 

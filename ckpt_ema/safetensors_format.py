@@ -15,6 +15,7 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from .errors import InputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_RANK = 64  # more dimensions than any real tensor has; bounds the work on a hostile shape
 
 # safetensors dtype name -> (torch dtype, bytes per element, is floating point)
 DTYPES: dict[str, tuple[torch.dtype, int, bool]] = {
@@ -92,13 +94,22 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            file_size = os.fstat(f.fileno()).st_size
+        # O_NONBLOCK: a FIFO or device given as input must not block the open; it is refused below.
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            status = os.fstat(f.fileno())
+            if not stat.S_ISREG(status.st_mode):
+                raise InputError(f"{path}: not a regular file")
+            file_size = status.st_size
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise InputError(f"{path}: not a safetensors file (only {file_size} bytes)")
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(MAX_HEADER_BYTES, file_size - 8):
+            if header_len > MAX_HEADER_BYTES:
+                raise InputError(
+                    f"{path}: not a safetensors file (header claims {header_len} bytes, "
+                    f"more than the {MAX_HEADER_BYTES // 2**20} MiB limit)"
+                )
+            if header_len > file_size - 8:
                 raise InputError(
                     f"{path}: not a safetensors file or truncated (header claims {header_len} bytes, "
                     f"file has {file_size})"
@@ -106,15 +117,21 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             raw = f.read(header_len)
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) != header_len:
+        raise InputError(f"{path}: the file changed size while being read")
+    if not raw.lstrip(b" \t\r\n").startswith(b"{"):
+        raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{path}: not a safetensors file (header is not valid JSON: {exc})") from None
+    except RecursionError:
+        raise InputError(f"{path}: not a safetensors file (header JSON is nested too deeply)") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
     data_start = 8 + header_len
     data_size = file_size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InputError(f"{path}: __metadata__ must map strings to strings")
     tensors = {name: _parse_entry(path, name, entry, data_start, data_size) for name, entry in header.items()}
@@ -165,37 +182,59 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     result: dict[str, object] = {}
     for key, value in pairs:
         if key in result:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {_short(key)}")
         result[key] = value
     return result
 
 
 def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
     def bad(problem: str) -> InputError:
-        return InputError(f"{path}: tensor {name!r}: {problem}")
+        return InputError(f"{path}: tensor {_short(name)}: {problem}")
 
     if not isinstance(entry, dict):
         raise bad("entry is not a JSON object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
-        raise bad(f"unknown dtype {dtype!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise bad(f"unknown dtype {_short(dtype)}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise bad(f"shape must be a list of non-negative integers, got {shape!r}")
+        raise bad(f"shape must be a list of non-negative integers, got {_short(shape)}")
+    if len(shape) > MAX_RANK:
+        raise bad(f"shape has {len(shape)} dimensions (at most {MAX_RANK} are accepted)")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1] <= data_size
     ):
-        raise bad(f"data_offsets {offsets!r} outside the data area of {data_size} bytes (truncated file?)")
-    expected = math.prod(shape) * DTYPES[dtype][1]
-    if offsets[1] - offsets[0] != expected:
-        raise bad(f"shape {shape} of {dtype} needs {expected} bytes but data_offsets span {offsets[1] - offsets[0]}")
+        raise bad(f"data_offsets {_short(offsets)} outside the data area of {data_size} bytes (truncated file?)")
+    span = offsets[1] - offsets[0]
+    expected = _nbytes(shape, DTYPES[dtype][1], limit=span)
+    if expected != span:
+        needs = f"{expected} bytes" if expected is not None else "more bytes than the file holds"
+        raise bad(f"shape {_short(shape)} of {dtype} needs {needs} but data_offsets span {span}")
     return TensorInfo(dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def _nbytes(shape: list[int], itemsize: int, limit: int) -> int | None:
+    """Bytes a shape needs, or None once it exceeds ``limit`` (no huge integers from a hostile shape)."""
+    if 0 in shape:
+        return 0
+    total = itemsize
+    for dim in shape:
+        total *= dim
+        if total > limit:
+            return None
+    return total
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters, so that a hostile header cannot flood the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
     spans = sorted((info.begin, info.end, name) for name, info in tensors.items() if info.nbytes)
     for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
         if begin_b < end_a:
-            raise InputError(f"{path}: tensors {name_a!r} and {name_b!r} overlap in the file")
+            raise InputError(f"{path}: tensors {_short(name_a)} and {_short(name_b)} overlap in the file")
