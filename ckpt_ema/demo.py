@@ -53,7 +53,9 @@ def train(run_dir: Path) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tens
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     generator = torch.Generator().manual_seed(2)
     bf16_ema = {k: v.detach().to(torch.bfloat16).clone() for k, v in model.state_dict().items()}
-    save_file({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, str(run_dir / "base.safetensors"))
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, str(run_dir.parent / "base.safetensors")
+    )
     for step in range(1, STEPS + 1):
         batch = torch.randint(0, len(x_train), (16,), generator=generator)
         loss = nn.functional.mse_loss(model(x_train[batch]), y_train[batch])
@@ -79,18 +81,9 @@ def main(out_dir: str = "demo-out") -> None:
     print(f"Training a tiny MLP for {STEPS} steps, a BF16 checkpoint every {SAVE_EVERY} steps -> {run_dir}/")
     model, bf16_ema, x_test, y_test = train(run_dir)
     checkpoints = sorted(str(p) for p in run_dir.glob("step-*.safetensors"))
-    args = [
-        "merge",
-        *checkpoints,
-        "--init",
-        str(run_dir / "base.safetensors"),
-        *CANDIDATES,
-        "-q",
-        "-o",
-        str(out / "ema"),
-    ]
-    print("\n$ ckpt-ema merge demo-out/run/step-*.safetensors --init demo-out/run/base.safetensors \\")
-    print("    " + " ".join(CANDIDATES) + " -o demo-out/ema")
+    init = out / "base.safetensors"
+    args = ["merge", str(run_dir), "--init", str(init), *CANDIDATES, "-q", "-o", str(out / "ema")]
+    print(f"\n$ ckpt-ema merge {run_dir}/ --init {init} \\\n    {' '.join(CANDIDATES)} -o {out / 'ema'}")
     cli.main(args, standalone_mode=False)
 
     rows = [("last checkpoint (no EMA)", held_out_loss(model, load_file(checkpoints[-1]), x_test, y_test))]
@@ -101,7 +94,7 @@ def main(out_dir: str = "demo-out") -> None:
     print(f"\n{'weights':<34}held-out loss")
     for name, loss in rows:
         print(f"{name:<34}{loss:.4f}{'   <- best' if (name, loss) == best else ''}")
-    base = load_file(run_dir / "base.safetensors")
+    base = load_file(init)
     fp32_ema = load_file(out / "ema" / "decay-0.999.safetensors")
     moved = sum(float((bf16_ema[k].float() - base[k].float()).norm()) for k in base)
     moved_fp32 = sum(float((fp32_ema[k].float() - base[k].float()).norm()) for k in base)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from . import kernels
 from .plan import OutputPlan, Plan
 
 
@@ -59,7 +60,7 @@ def describe_output(plan: Plan, output: OutputPlan) -> str:
         parts.append(output.method)
     if "half_life_checkpoints" in eq:
         parts.append(f"{eq['half_life_checkpoints']:.3g} checkpoints")
-    if output.method == "classic" and "sigma_rel" in eq:
+    if output.method == "classic" and eq.get("sigma_rel", 1.0) < kernels.SIGMA_REL_MAX:
         parts.append(f"~ sigma_rel {eq['sigma_rel']:.3g}")
     first = "init" if plan.checkpoints[0].is_init else "first checkpoint"
     parts.append(f"{first} keeps {eq['first_share']:.2%}")
