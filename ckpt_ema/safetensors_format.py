@@ -25,6 +25,7 @@ import torch
 from .errors import InputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_TENSORS = 500_000  # several times the largest real file; parsing stays within seconds and ~1 GB
 MAX_RANK = 64  # more dimensions than any real tensor has; bounds the work on a hostile shape
 
 # safetensors dtype name -> (torch dtype, bytes per element, is floating point)
@@ -121,6 +122,11 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise InputError(f"{path}: the file changed size while being read")
     if not raw.lstrip(b" \t\r\n").startswith(b"{"):
         raise InputError(f"{path}: not a safetensors file (header is not a JSON object)")
+    # Counted before parsing: each tensor needs one "data_offsets" key, and the quotes cannot occur
+    # unescaped inside a JSON string, so this is an upper bound found at memory speed.
+    claimed = raw.count(b'"data_offsets"')
+    if claimed > MAX_TENSORS:
+        raise InputError(f"{path}: header lists {claimed} tensors, more than the {MAX_TENSORS} ckpt-ema accepts")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -208,7 +214,7 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int, data_siz
     ):
         raise bad(f"data_offsets {_short(offsets)} outside the data area of {data_size} bytes (truncated file?)")
     span = offsets[1] - offsets[0]
-    expected = _nbytes(shape, DTYPES[dtype][1], limit=span)
+    expected = _nbytes(shape, DTYPES[dtype][1], limit=data_size)
     if expected != span:
         needs = f"{expected} bytes" if expected is not None else "more bytes than the file holds"
         raise bad(f"shape {_short(shape)} of {dtype} needs {needs} but data_offsets span {span}")
