@@ -300,8 +300,9 @@ def solve_reconstruction(
     Snapshot i is a power profile with exponent ``snap_gammas[i]`` ending at ``snap_steps[i]``; the
     target is a power profile (``target_gamma``) or a truncated exponential one (``target_decay``,
     per-step) ending at ``target_step``. Snapshots after ``target_step`` get coefficient 0. ``A x = b``
-    is solved in float64 with ``np.linalg.solve`` when ``cond(A) < 1e8``, otherwise with
-    ``np.linalg.lstsq(A, b, rcond=rcond)`` (SVD cutoff); x is then normalised to sum to 1. The fit error
+    is solved in float64 with ``np.linalg.solve`` when ``cond(A) < 1e8``, otherwise by least squares
+    with a cutoff (eigenvalues of the symmetric A below ``rcond`` times the largest are dropped: the
+    solution ``np.linalg.lstsq(A, b, rcond=rcond)`` gives); x is then normalised to sum to 1. The fit error
     is ``sqrt(max(0, x'Ax - 2x'b + <p,p>)) / sqrt(<p,p>)`` for the normalised x; the cancellation in
     that sum puts a rounding floor of about ``1e-8 * abs_sum`` under it (an exact fit reports ~0).
 
@@ -334,11 +335,7 @@ def solve_reconstruction(
     t_used, g_used = steps[used].tolist(), gammas[used].tolist()
     n = len(t_used)
 
-    # Gram matrix A_ij = <p_i, p_j> (SPEC §4 closed form); symmetric.
-    a = np.empty((n, n), dtype=np.float64)
-    for i in range(n):
-        for j in range(i, n):
-            a[i, j] = a[j, i] = _power_inner(t_used[i], g_used[i], t_used[j], g_used[j])
+    a = _gram(steps[used], gammas[used])
 
     if target_gamma is not None:
         tg = _gamma("target gamma", target_gamma)
@@ -351,15 +348,20 @@ def solve_reconstruction(
         b = np.array([_exp_power_inner(t_target, lam, t_used[i], g_used[i]) for i in range(n)], dtype=np.float64)
         target_norm2 = _exp_exp_inner(t_target, lam, t_target, lam)
 
-    cond = float(np.linalg.cond(a))
+    # A is symmetric, so its singular values are |eigenvalues|: one eigh gives cond(A) and, when A is
+    # ill-conditioned, the least-squares solution with cutoff (what lstsq(A, b, rcond) computes by SVD).
+    eigenvalues, eigenvectors = np.linalg.eigh(a)
+    size = np.abs(eigenvalues)
+    cond = float(size.max() / size.min()) if size.min() > 0.0 else math.inf
     x: np.ndarray | None = None
-    if math.isfinite(cond) and cond < _PLAIN_SOLVE_MAX_COND:
+    if cond < _PLAIN_SOLVE_MAX_COND:
         try:
             x = np.linalg.solve(a, b)
         except np.linalg.LinAlgError:
             x = None
     if x is None:
-        x = np.linalg.lstsq(a, b, rcond=rcond)[0]
+        keep = size > rcond * size.max()
+        x = eigenvectors[:, keep] @ ((eigenvectors[:, keep].T @ b) / eigenvalues[keep])
 
     total = float(x.sum())
     if not np.all(np.isfinite(x)) or not math.isfinite(total) or abs(total) < 1e-8:
@@ -378,6 +380,15 @@ def solve_reconstruction(
         abs_sum=float(np.abs(x).sum()),
         fit_error=fit_error,
     )
+
+
+def _gram(t: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """A_ij = <p_i, p_j>, the SPEC §4 closed form of :func:`_power_inner` for all pairs at once."""
+    ti, tj = t[:, None], t[None, :]
+    gi, gj = g[:, None], g[None, :]
+    later = np.maximum(ti, tj)
+    g_later = np.where(ti <= tj, gj, gi)  # equal ends: the formula is symmetric, either will do
+    return (gi + 1.0) * (gj + 1.0) / (gi + gj + 1.0) * (np.minimum(ti, tj) / later) ** g_later / later
 
 
 def _vector(name: str, values: ArrayLike) -> np.ndarray:
