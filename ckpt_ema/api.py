@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import layouts
 from .engine import DEFAULT_CHUNK_ELEMENTS, MemorySink, MergePass
 from .errors import OutputError
 from .plan import Plan, plan_ema
@@ -39,6 +40,9 @@ def plan_merge(
     interp: str = "linear",
     per_checkpoint: bool = False,
     dtype: str = "same",
+    key: str | None = None,
+    component: Sequence[str] | None = None,
+    allow_mixed_runs: bool = False,
 ) -> Plan:
     """Find the series, its steps and each output's coefficients, reading only file headers.
 
@@ -51,18 +55,32 @@ def plan_merge(
         interp: ``"linear"`` or ``"hold"``: how the weights move between checkpoints.
         per_checkpoint: each checkpoint is one EMA update (musubi-tuner style), steps ignored.
         dtype: ``"same"`` (the checkpoints' dtype), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        key: for torch files, the key of the state dict (default: the usual nestings are searched).
+        component: for component folders (diffusers, OneTrainer), the components to average (default: all).
+        allow_mixed_runs: accept kohya files from different training sessions (``ss_session_id``).
     """
     targets = parse_targets(decay=decay, half_life=half_life, sigma_rel=sigma_rel, gamma=gamma)
-    checkpoints = load_series(inputs, steps=steps, init=init, per_checkpoint=per_checkpoint)
+    checkpoints = load_series(
+        inputs,
+        steps=steps,
+        init=init,
+        per_checkpoint=per_checkpoint,
+        key=key,
+        component=component,
+        allow_mixed_runs=allow_mixed_runs,
+    )
     return plan_ema(checkpoints, targets, at=at, interp=interp, per_checkpoint=per_checkpoint, dtype=dtype)
 
 
-def output_paths(plan: Plan, output: str | os.PathLike, force: bool = False) -> list[Path]:
+def output_paths(plan: Plan, output: str | os.PathLike, force: bool = False, fmt: str | None = None) -> list[Path]:
     """Where each output goes: ``output`` itself for one target, ``output/NAME.safetensors`` for several.
 
     An existing folder (or a path ending in ``/``) is always taken as the folder to write into. Refuses
     to write over an input (or a hard link to one), or over an existing file without ``force``.
+    Folder checkpoints give folder outputs (``output``, or ``output/NAME/``) unless ``fmt="safetensors"``.
     """
+    if layouts.writes_folder(plan, fmt):
+        return layouts.folder_output_paths(plan, output, force)
     out = Path(output)
     as_folder = len(plan.outputs) > 1 or out.is_dir() or str(output).endswith(os.sep)
     paths = [out / f"{o.name}{SUFFIX}" for o in plan.outputs] if as_folder else [out]
@@ -90,9 +108,10 @@ class MergeJob:
         paths: Sequence[Path],
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         on_warning: Callable[[str], None] | None = None,
+        fmt: str | None = None,
     ) -> None:
         self.paths = list(paths)
-        self.writers: list[SafetensorsWriter] = []
+        self.writers: list[SafetensorsWriter | layouts.FolderWriter] = []
         for folder in {p.parent for p in self.paths}:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -101,7 +120,7 @@ class MergeJob:
             remove_stale_temps(folder)
         try:
             for output, path in zip(plan.outputs, self.paths):
-                self.writers.append(SafetensorsWriter(path, plan.tensors, output_metadata(plan, output)))
+                self.writers.append(layouts.open_output(plan, output, path, output_metadata(plan, output), fmt))
         except BaseException:
             self.abort()
             raise
@@ -133,7 +152,7 @@ class MergeJob:
 
 def output_metadata(plan: Plan, output: object) -> dict[str, str]:
     """The newest input's metadata, then ``format: pt`` and the ``ckpt_ema.*`` provenance (SPEC §6)."""
-    carried = {k: v for k, v in plan.newest.source.metadata.items() if not k.startswith("ckpt_ema.")}
+    carried = layouts.carried_metadata(plan)
     return {**carried, "format": "pt", **plan.provenance(output)}  # type: ignore[arg-type]
 
 
@@ -143,16 +162,18 @@ def merge(
     *,
     force: bool = False,
     on_warning: Callable[[str], None] | None = None,
+    fmt: str | None = None,
     **options: object,
 ) -> list[Path]:
     """Compute the EMA targets of a series and write them; returns the output paths.
 
     ``options`` are those of :func:`plan_merge`. One target writes ``output``; several write
-    ``output/NAME.safetensors`` (e.g. ``decay-0.999.safetensors``).
+    ``output/NAME.safetensors`` (e.g. ``decay-0.999.safetensors``). Folder checkpoints give folders
+    mirroring the newest one (``fmt="safetensors"`` for a single file).
     """
     plan = plan_merge(inputs, **options)  # type: ignore[arg-type]
-    paths = output_paths(plan, output, force=force)
-    with MergeJob(plan, paths, on_warning=on_warning) as job:
+    paths = output_paths(plan, output, force=force, fmt=fmt)
+    with MergeJob(plan, paths, on_warning=on_warning, fmt=fmt) as job:
         for _ in job:
             pass
         return job.commit()

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import __version__, kernels
 from .errors import TargetError
+from .readers import is_lora_alpha
 from .series import Checkpoint
 from .targets import Target
 
@@ -184,15 +185,18 @@ def split_at(checkpoints: Sequence[Checkpoint], at: int | None) -> tuple[list[Ch
 
 
 def plan_tensors(checkpoints: Sequence[Checkpoint], dtype: str = "same") -> tuple[TensorPlan, ...]:
-    """Output tensors in name order; float ones take ``dtype`` (``same``: the newest checkpoint's dtype)."""
+    """Output tensors in name order within each weight file of the newest checkpoint; float ones take
+    ``dtype`` (``same``: the newest checkpoint's dtype)."""
     if dtype not in OUTPUT_DTYPES:
         raise TargetError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
-    newest = checkpoints[-1].source.tensors
+    source = checkpoints[-1].source
     forced = OUTPUT_DTYPES[dtype]
-    return tuple(
-        TensorPlan(name, info.shape, info.is_float, (forced or info.dtype) if info.is_float else info.dtype)
-        for name, info in sorted(newest.items())
-    )
+    plans = []
+    # file by file (a sharded folder is then read one shard at a time), by name within a file
+    for name, info in sorted(source.tensors.items(), key=lambda item: (source.file_number(item[0]), item[0])):
+        averaged = info.is_float and not is_lora_alpha(name)  # LoRA alphas are copied like integer buffers
+        plans.append(TensorPlan(name, info.shape, averaged, (forced or info.dtype) if averaged else info.dtype))
+    return tuple(plans)
 
 
 def _with_warnings(plan: Plan, targets: Sequence[Target]) -> Plan:

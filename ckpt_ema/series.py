@@ -1,6 +1,7 @@
 """A series of checkpoints: finding the files, their steps, and checking that they belong together.
 
-Only headers are read here; tensor data is read later, chunk by chunk, by the engine.
+Only headers are read here (by the readers, one per format); tensor data is read later, chunk by chunk,
+by the engine.
 """
 
 from __future__ import annotations
@@ -11,40 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .errors import InputError, SeriesError, StepError
-from .safetensors_format import SafetensorsReader, TensorInfo, read_header
+from .readers import CheckpointSource, expand_inputs, is_lora_alpha, is_lora_factor, open_checkpoint
 from .steps import StepInfo, detect_step
 
-CHECKPOINT_SUFFIXES = (".safetensors",)
-
-
-class CheckpointSource:
-    """One checkpoint's tensors, read lazily: names, dtypes and shapes from headers; data on demand."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._reader = SafetensorsReader(read_header(path))
-
-    @property
-    def tensors(self) -> dict[str, TensorInfo]:
-        return self._reader.header.tensors
-
-    @property
-    def metadata(self) -> dict[str, str]:
-        return self._reader.header.metadata
-
-    @property
-    def nbytes(self) -> int:
-        return self._reader.header.file_size
-
-    def flat(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as a 1-D view in its stored dtype."""
-        return self._reader.flat(name)
-
-    def raw_bytes(self, name: str) -> memoryview:
-        return self._reader.raw_bytes(name)
+NORMALISED_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel wrappers, torch.compile
 
 
 @dataclass(frozen=True)
@@ -62,25 +34,15 @@ class Checkpoint:
 
 
 def discover_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand INPUT arguments: files as given, folders to the checkpoint files they hold (name order)."""
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES)
-            if not files:
-                raise InputError(f"{path}: folder holds no {'/'.join(CHECKPOINT_SUFFIXES)} files")
-            found.extend(files)
-        elif path.is_file():
-            found.append(path)
-        elif path.exists():
-            raise InputError(f"{path}: not a file or folder")
-        else:
-            raise InputError(f"{path}: no such file or folder")
-    if not found:
-        raise InputError("no checkpoints given")
+    """Expand INPUT arguments: files and checkpoint folders as given, series folders to their checkpoints."""
+    found = expand_inputs(inputs)
     _refuse_repeats(found)
     return found
+
+
+def checkpoint_stem(path: Path) -> str:
+    """The name a step is read from: a file's stem, a folder's whole name."""
+    return path.name if path.is_dir() else path.stem
 
 
 def load_series(
@@ -88,14 +50,20 @@ def load_series(
     steps: Sequence[int] | None = None,
     init: str | os.PathLike | None = None,
     per_checkpoint: bool = False,
+    key: str | None = None,
+    component: Sequence[str] | None = None,
+    allow_mixed_runs: bool = False,
 ) -> list[Checkpoint]:
     """Read the headers of the inputs, find each one's step and return the series sorted by step.
 
     Args:
-        inputs: files, or folders holding the series.
-        steps: explicit steps, one per input file in the order given (overrides detection).
+        inputs: files, checkpoint folders, or folders holding the series.
+        steps: explicit steps, one per input checkpoint in the order given (overrides detection).
         init: the weights at step 0 (e.g. the base model a fine-tune started from), placed first.
         per_checkpoint: each checkpoint is one update; files without a step are then ordered by name.
+        key: for torch files, the key of the state dict (``--key``).
+        component: for component folders (diffusers, OneTrainer), the components to average.
+        allow_mixed_runs: accept kohya files from different training sessions (``ss_session_id``).
 
     Raises:
         InputError, StepError, SeriesError: with a one-line message naming the file.
@@ -103,12 +71,15 @@ def load_series(
     paths = discover_inputs(inputs)
     if steps is not None and len(steps) != len(paths):
         raise StepError(f"--steps gives {len(steps)} steps for {len(paths)} checkpoints")
-    sources = [CheckpointSource(path) for path in paths]
+    sources = [open_checkpoint(path, key=key, component=component) for path in paths]
     if steps is not None:
         infos = [StepInfo(int(step), "--steps") for step in steps]
     else:
         try:
-            infos = [detect_step(str(p), p.stem, src.metadata) for p, src in zip(paths, sources)]
+            infos = [
+                detect_step(str(p), checkpoint_stem(p), src.metadata, src.step_records)
+                for p, src in zip(paths, sources)
+            ]
         except StepError:
             if not per_checkpoint:
                 raise
@@ -121,10 +92,14 @@ def load_series(
     checkpoints = [Checkpoint(src, info.step, info) for src, info in zip(sources, infos)]
     if init is not None:
         init_path = Path(init)
-        if not init_path.is_file():
-            raise InputError(f"{init_path}: --init: no such file")
+        if not init_path.exists():
+            raise InputError(f"{init_path}: --init: no such file or folder")
+        if init_path.is_dir() != paths[0].is_dir():
+            kind = "a folder" if init_path.is_dir() else "a file"
+            raise InputError(f"{init_path}: --init is {kind} but the checkpoints are not; give the same kind")
         _refuse_repeats([init_path, *paths])
-        checkpoints.append(Checkpoint(CheckpointSource(init_path), 0, StepInfo(0, "--init"), is_init=True))
+        source = open_checkpoint(init_path, key=key, component=component)
+        checkpoints.append(Checkpoint(source, 0, StepInfo(0, "--init"), is_init=True))
     checkpoints.sort(key=lambda c: c.step)
     for a, b in zip(checkpoints, checkpoints[1:]):
         if a.step == b.step:
@@ -133,8 +108,56 @@ def load_series(
             )
     if checkpoints[0].step < 0:
         raise StepError(f"{checkpoints[0].path}: negative step {checkpoints[0].step}")
+    if not allow_mixed_runs:
+        check_one_run([c for c in checkpoints if not c.is_init])
+    normalise_keys(checkpoints)
     check_compatible(checkpoints)
     return checkpoints
+
+
+def check_one_run(checkpoints: Sequence[Checkpoint]) -> None:
+    """kohya files name their training session (``ss_session_id``, new at every launch and every resume)."""
+    sessions: dict[str, Checkpoint] = {}
+    for ckpt in checkpoints:
+        session = ckpt.source.metadata.get("ss_session_id")
+        if session is not None:
+            sessions.setdefault(session, ckpt)
+    if len(sessions) > 1:
+        (id_a, a), (id_b, b) = list(sessions.items())[:2]
+        raise SeriesError(
+            f"{a.path} (ss_session_id {id_a}) and {b.path} (ss_session_id {id_b}) come from different training "
+            f"sessions ({len(sessions)} in all): a resumed kohya run may restart its step count; check the steps "
+            "and pass --allow-mixed-runs (and --steps if needed) to merge them anyway"
+        )
+
+
+def _strip(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in NORMALISED_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    return name
+
+
+def normalise_keys(checkpoints: Sequence[Checkpoint]) -> None:
+    """Strip ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) where only some checkpoints have them.
+
+    When every checkpoint has the same keys nothing changes (a prefix all of them share is kept).
+    """
+    key_sets = [frozenset(c.source.tensors) for c in checkpoints]
+    if len(set(key_sets)) == 1:
+        return
+    stripped = [frozenset(_strip(n) for n in keys) for keys in key_sets]
+    if len(set(stripped)) != 1 or any(len(s) != len(k) for s, k in zip(stripped, key_sets)):
+        return  # not a matter of prefixes: check_compatible reports the difference
+    for ckpt, keys in zip(checkpoints, key_sets):
+        mapping = {n: _strip(n) for n in keys if _strip(n) != n}
+        if mapping:
+            ckpt.source.rename(mapping)
+            prefixes = sorted({n[: len(n) - len(_strip(n))] for n in mapping})
+            ckpt.source.notes.append(f"prefix {', '.join(map(repr, prefixes))} removed from tensor names")
 
 
 def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
@@ -155,6 +178,11 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
         for name, ref in ref_tensors.items():
             info = tensors[name]
             if info.shape != ref.shape:
+                if is_lora_factor(name):
+                    raise SeriesError(
+                        f"LoRA ranks differ: {name!r} is {tuple(ref.shape)} in {reference.path} but "
+                        f"{tuple(info.shape)} in {other.path}; a series must keep one rank (network_dim)"
+                    )
                 raise SeriesError(
                     f"{name!r} is {tuple(ref.shape)} in {reference.path} but {tuple(info.shape)} in {other.path}"
                 )
@@ -163,6 +191,23 @@ def check_compatible(checkpoints: Sequence[Checkpoint]) -> None:
                     f"{name!r} is {ref.dtype} in {reference.path} but {info.dtype} in {other.path} "
                     "(floating point and integer tensors cannot be mixed)"
                 )
+    _check_lora_alphas(checkpoints)
+
+
+def _check_lora_alphas(checkpoints: Sequence[Checkpoint]) -> None:
+    """LoRA ``.alpha`` scales are copied from the newest checkpoint, so they must agree across the series."""
+    reference = checkpoints[-1]
+    for name in sorted(n for n in reference.source.tensors if is_lora_alpha(n)):
+        ref_value = reference.source.flat(name).double()
+        for other in checkpoints[:-1]:
+            value = other.source.flat(name).double()
+            if not bool((value == ref_value).all()):
+                raise SeriesError(
+                    f"LoRA alpha {name!r} is {ref_value.tolist()} in {reference.path} but {value.tolist()} in "
+                    f"{other.path}; alphas are copied, not averaged, so a series must keep one alpha"
+                )
+    for ckpt in checkpoints:
+        ckpt.source.close()
 
 
 def _refuse_repeats(paths: Sequence[Path]) -> None:

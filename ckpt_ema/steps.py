@@ -1,7 +1,8 @@
 """Finding the optimizer step a checkpoint stands for, from its name and its trainer's record (SPEC §1).
 
 Order of precedence: ``--steps`` (handled by the caller), the trainer's record (metadata such as ``step``,
-``global_step``, kohya's ``ss_steps``), a number the name labels as a step, and last a bare trailing number
+``global_step``, kohya's ``ss_steps``; ``trainer_state.json``, OneTrainer's ``meta.json``, Lightning's
+``global_step``, passed in by the readers), a number the name labels as a step, and last a bare trailing number
 (ambiguous: kohya names epoch saves ``name-000005``), which is flagged so the user is told. A number the
 name labels as an epoch is never a step. A record and a labelled name that disagree is an error.
 """
@@ -9,7 +10,7 @@ name labels as an epoch is never a step. A record and a labelled name that disag
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .errors import StepError
@@ -69,12 +70,24 @@ def step_from_name(stem: str) -> tuple[int, str, bool] | None:
     return None
 
 
-def detect_step(label: str, stem: str, metadata: Mapping[str, str]) -> StepInfo:
-    """Combine the sources for one checkpoint (``label`` names it in messages, ``stem`` is its name)."""
-    recorded = step_from_metadata(metadata)
+def detect_step(
+    label: str, stem: str, metadata: Mapping[str, str], records: Sequence[tuple[str, int]] = ()
+) -> StepInfo:
+    """Combine the sources for one checkpoint (``label`` names it in messages, ``stem`` is its name).
+
+    ``records`` are steps the trainer recorded outside the metadata, as ``(source, step)``: a Hugging Face
+    ``trainer_state.json``, OneTrainer's ``meta.json``, Lightning's ``global_step``.
+    """
+    recorded = [*records]
+    from_metadata = step_from_metadata(metadata)
+    if from_metadata is not None:
+        recorded.append((from_metadata[1], from_metadata[0]))
+    if len({step for _, step in recorded}) > 1:
+        found = "; ".join(f"{source} says {step}" for source, step in recorded)
+        raise StepError(f"{label}: the trainer's records disagree ({found}); pass --steps to say which is right")
     named = step_from_name(stem)
-    if recorded is not None:
-        step, source = recorded
+    if recorded:
+        source, step = recorded[0]
         if named is not None and not named[2] and named[0] != step:
             raise StepError(
                 f"{label}: the trainer's {source} says step {step} but the {named[1]} says {named[0]}; "

@@ -16,4 +16,5 @@ def main() -> None:
     """Post-hoc EMA of training checkpoints: choose the EMA decay after training."""
 
 
+from . import inspect  # noqa: E402, F401, I001  (registers inspect)
 from . import merge  # noqa: E402, F401  (registers merge, plan)

@@ -37,6 +37,22 @@ class _Terminated(Exception):
     """SIGTERM arrived; unwinds like Ctrl-C so temporary files are removed."""
 
 
+reader_options = [
+    click.option(
+        "--component",
+        multiple=True,
+        metavar="NAME",
+        help="Folder checkpoints (diffusers, OneTrainer): average only this component, e.g. unet (repeatable).",
+    ),
+    click.option("--key", metavar="KEY", help="Torch files: the key of the state dict (default: searched, and shown)."),
+    click.option(
+        "--allow-mixed-runs",
+        is_flag=True,
+        help="Accept kohya files from different training sessions (ss_session_id).",
+    ),
+]
+
+
 def series_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Inputs and targets, shared by ``merge`` and ``plan``."""
     options = [
@@ -84,6 +100,7 @@ def series_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="Dtype of averaged tensors in the output.",
         ),
         click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout."),
+        *reader_options,
     ]
     for option in reversed(options):
         command = option(command)
@@ -103,6 +120,9 @@ def plan_from(options: dict[str, Any]) -> Plan:
         interp=options["interp"],
         per_checkpoint=options["per_checkpoint"],
         dtype=options["dtype"],
+        key=options["key"],
+        component=options["component"] or None,
+        allow_mixed_runs=options["allow_mixed_runs"],
     )
 
 

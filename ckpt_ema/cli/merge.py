@@ -26,9 +26,15 @@ from .common import plan_from, series_options, user_errors
     help="Output file (one target) or folder (several).",
 )
 @click.option("--force", is_flag=True, help="Replace existing output files.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "folder"]),
+    help="Output as one .safetensors file or as a folder like the inputs (default: like the inputs).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @user_errors
-def merge(output: Path, force: bool, quiet: bool, **options: Any) -> None:
+def merge(output: Path, force: bool, quiet: bool, fmt: str | None, **options: Any) -> None:
     """Write the EMA of a checkpoint series for each target, in one pass over the files.
 
     \b
@@ -38,14 +44,14 @@ def merge(output: Path, force: bool, quiet: bool, **options: Any) -> None:
       ckpt-ema merge runs/ --half-life 500 --init base.safetensors -o ema.safetensors
     """
     plan = plan_from(options)
-    paths = output_paths(plan, output, force=force)
+    paths = output_paths(plan, output, force=force, fmt=fmt)
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
 
     def warn(message: str) -> None:
         tqdm.write(f"warning: {message}", file=sys.stderr)
 
-    with MergeJob(plan, paths, on_warning=warn) as job:
+    with MergeJob(plan, paths, on_warning=warn, fmt=fmt) as job:
         with tqdm(
             total=job.total_bytes,
             unit="B",

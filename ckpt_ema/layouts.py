@@ -1,0 +1,233 @@
+"""Output layouts: a single safetensors file, or a folder that mirrors the newest input checkpoint.
+
+A folder output has the newest checkpoint's layout: the same models and components, each sharded the same
+way (same file names, same tensors in each shard) with a fresh index (``weight_map`` and ``total_size``),
+and the files the model needs to load (``config.json``, tokenizer files, ``model_index.json``,
+``scheduler/``) copied unchanged. Torch-pickle weights in a folder are written as safetensors
+(``pytorch_model.bin`` becomes ``model.safetensors``), which every loader prefers.
+
+The folder is built in a temporary folder next to the destination (``.NAME.ckpt-ema-tmp-PID``), each file
+by its own ``SafetensorsWriter``, and renamed into place only when every file is complete: a folder
+output appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .errors import OutputError
+from .plan import OutputPlan, Plan, TensorPlan
+from .readers import CheckpointSource
+from .safetensors_format import DTYPES
+from .series import checkpoint_stem
+from .writer import TEMP_MARKER, SafetensorsWriter, _process_alive
+
+FORMATS = ("safetensors", "folder")
+# metadata that describes the exact bytes of the newest input, wrong for the output
+STALE_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
+
+
+def carried_metadata(plan: Plan) -> dict[str, str]:
+    """The newest input's metadata for the output (SPEC §6), with ``modelspec.merged_from`` naming the
+    inputs when the files carry modelspec (kohya, OneTrainer) and hashes of the input's bytes dropped."""
+    carried = {
+        k: v
+        for k, v in plan.newest.source.metadata.items()
+        if not k.startswith("ckpt_ema.") and k not in STALE_METADATA
+    }
+    if any(k.startswith("modelspec.") for k in carried):
+        carried["modelspec.merged_from"] = ", ".join(checkpoint_stem(c.path) for c in plan.checkpoints)
+    return carried
+
+
+def writes_folder(plan: Plan, fmt: str | None) -> bool:
+    """Whether the outputs are folders (folder checkpoints, unless ``--format safetensors``)."""
+    source = plan.newest.source
+    if fmt not in (None, *FORMATS):
+        raise OutputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "folder" and not source.is_folder:
+        raise OutputError(
+            f"--format folder: the checkpoints are single files ({source.path.name}); their output is one "
+            ".safetensors file"
+        )
+    if fmt == "safetensors" and source.is_folder and len(source.parts) > 1:
+        names = ", ".join(p.name or "(top level)" for p in source.parts)
+        raise OutputError(
+            f"--format safetensors: {source.path} holds {len(source.parts)} models ({names}); choose one with --component"
+        )
+    return source.is_folder if fmt is None else fmt == "folder"
+
+
+def folder_output_paths(plan: Plan, output: str | os.PathLike, force: bool) -> list[Path]:
+    """``output`` itself for one target, ``output/NAME/`` for several; never an input or a folder holding one."""
+    out = Path(output)
+    paths = [out / o.name for o in plan.outputs] if len(plan.outputs) > 1 else [out]
+    inputs = [c.path.resolve() for c in plan.checkpoints + plan.ignored]
+    for path in paths:
+        resolved = path.resolve()
+        for input_path in inputs:
+            if resolved == input_path or resolved in input_path.parents:
+                raise OutputError(f"{path}: would replace the input {input_path}; choose another output")
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{path}: is a file; a folder checkpoint's EMA is a folder")
+        if path.exists() and not force:
+            raise OutputError(f"{path}: already exists; pass --force to replace it")
+    return paths
+
+
+def open_output(plan: Plan, output: OutputPlan, path: Path, metadata: Mapping[str, str], fmt: str | None):
+    """The sink that writes one output: a ``SafetensorsWriter`` or a ``FolderWriter``."""
+    if writes_folder(plan, fmt):
+        return FolderWriter(path, plan, metadata)
+    source = plan.newest.source
+    prefix = source.parts[0].prefix if source.is_folder else ""
+    if not prefix:
+        return SafetensorsWriter(path, plan.tensors, metadata)
+    return _Unprefixed(SafetensorsWriter(path, [_strip(t, prefix) for t in plan.tensors], metadata), prefix)
+
+
+def _strip(tensor: TensorPlan, prefix: str) -> TensorPlan:
+    return replace(tensor, name=tensor.name[len(prefix) :])
+
+
+class _Unprefixed:
+    """A single-file output of one component: tensor names without ``component/``."""
+
+    def __init__(self, writer: SafetensorsWriter, prefix: str) -> None:
+        self.writer, self.prefix, self.path = writer, prefix, writer.path
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        self.writer.write(name[len(self.prefix) :], data)
+
+    def commit(self) -> None:
+        self.writer.commit()
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def output_file_name(relpath: str) -> str:
+    """Weight files are written as safetensors: ``pytorch_model-00001-of-00002.bin`` -> ``model-00001-of-00002.safetensors``."""
+    folder, _, name = relpath.rpartition("/")
+    if not name.endswith(".safetensors"):
+        stem = name.rsplit(".", 1)[0]
+        if stem.startswith("pytorch_model"):
+            stem = "model" + stem[len("pytorch_model") :]
+        name = stem + ".safetensors"
+    return f"{folder}/{name}" if folder else name
+
+
+class FolderWriter:
+    """Writes one output folder mirroring the newest checkpoint; ``commit`` renames it into place."""
+
+    def __init__(self, path: Path, plan: Plan, metadata: Mapping[str, str]) -> None:
+        self.path = path
+        self.temp = path.parent / f".{path.name}{TEMP_MARKER}{os.getpid()}"
+        source: CheckpointSource = plan.newest.source
+        self._writers: list[SafetensorsWriter] = []
+        self._route: dict[str, tuple[SafetensorsWriter, str]] = {}
+        self._indexes: list[tuple[Path, dict[str, object]]] = []
+        try:
+            _remove_stale_folders(path)
+            self.temp.mkdir(parents=True)
+            self._open_writers(source, plan.tensors, metadata)
+            self._copy_files(source)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def _open_writers(
+        self, source: CheckpointSource, tensors: Sequence[TensorPlan], metadata: Mapping[str, str]
+    ) -> None:
+        by_file: dict[int, list[TensorPlan]] = {}
+        for tensor in tensors:
+            by_file.setdefault(source.file_number(tensor.name), []).append(tensor)
+        number = 0
+        for part in source.parts:
+            weight_map: dict[str, str] = {}
+            total = 0
+            for weight_file in part.files:
+                inner = [_strip(t, part.prefix) for t in by_file.get(number, [])]
+                number += 1
+                relpath = output_file_name(weight_file.relpath)
+                destination = self.temp / relpath
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                writer = SafetensorsWriter(destination, inner, metadata)
+                self._writers.append(writer)
+                for tensor in inner:
+                    self._route[part.prefix + tensor.name] = (writer, tensor.name)
+                    weight_map[tensor.name] = relpath.rpartition("/")[2]
+                    total += tensor_bytes(tensor)
+            if part.index_name is not None:
+                index_name = output_file_name(part.index_name.removesuffix(".index.json")) + ".index.json"
+                index_path = self.temp / (f"{part.folder}/{index_name}" if part.folder else index_name)
+                body = {
+                    "metadata": {**part.index_metadata, "total_size": total},
+                    "weight_map": dict(sorted(weight_map.items())),
+                }
+                self._indexes.append((index_path, body))
+
+    def _copy_files(self, source: CheckpointSource) -> None:
+        for relpath in source.copied:
+            origin = source.path / relpath.rstrip("/")
+            destination = self.temp / relpath.rstrip("/")
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            if origin.is_dir():
+                shutil.copytree(origin, destination, dirs_exist_ok=True)
+            else:
+                shutil.copy2(origin, destination)
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        writer, inner = self._route[name]
+        writer.write(inner, data)
+
+    def commit(self) -> None:
+        """Finish every file, write the indexes, then rename the folder into place (replacing an old one)."""
+        try:
+            for writer in self._writers:
+                writer.commit()
+            for index_path, body in self._indexes:
+                index_path.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+            old = None
+            if self.path.exists():
+                old = self.path.parent / f".{self.path.name}.ckpt-ema-old-{os.getpid()}"
+                os.replace(self.path, old)
+            os.replace(self.temp, self.path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: cannot finish writing ({exc.strerror or exc})") from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for writer in self._writers:
+            writer.abort()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def tensor_bytes(tensor: TensorPlan) -> int:
+    size = DTYPES[tensor.out_dtype][1]
+    for dim in tensor.shape:
+        size *= dim
+    return size
+
+
+def _remove_stale_folders(path: Path) -> None:
+    """Temporary folders left next to ``path`` by runs that died."""
+    for candidate in path.parent.glob(f".{path.name}{TEMP_MARKER}*"):
+        pid = candidate.name.rsplit(TEMP_MARKER, 1)[-1]
+        if candidate.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)

@@ -1,0 +1,95 @@
+"""Readers: one module per checkpoint format, all behind :func:`open_checkpoint`.
+
+>>> source = open_checkpoint("runs/checkpoint-1000")   # headers only
+>>> source.format, len(source.tensors), source.step_records
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import InputError
+from .base import CheckpointSource, FileNote, Part, TensorMeta, WeightFile, is_lora_alpha, is_lora_factor
+from .folder import is_checkpoint_folder, open_folder
+from .safetensors_file import open_safetensors_file
+from .torch_pickle import TORCH_SUFFIXES, open_torch_file
+
+CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+
+__all__ = [
+    "CHECKPOINT_SUFFIXES",
+    "CheckpointSource",
+    "FileNote",
+    "Part",
+    "TensorMeta",
+    "WeightFile",
+    "expand_inputs",
+    "is_checkpoint_folder",
+    "is_lora_alpha",
+    "is_lora_factor",
+    "open_checkpoint",
+]
+
+
+def open_checkpoint(
+    path: str | os.PathLike, key: str | None = None, component: Sequence[str] | None = None
+) -> CheckpointSource:
+    """Open one checkpoint (a file or a checkpoint folder), reading headers only.
+
+    Args:
+        path: a ``.safetensors`` file, a torch pickle, or a folder (Hugging Face, diffusers, OneTrainer).
+        key: for torch files, where the state dict is (default: found among the usual nestings).
+        component: for component folders, the components to average (default: all).
+    """
+    path = Path(path)
+    if path.is_dir():
+        return open_folder(path, component)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file or folder")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return open_safetensors_file(path)
+    if suffix in TORCH_SUFFIXES:
+        return open_torch_file(path, key)
+    raise InputError(
+        f"{path}: unknown checkpoint type {path.suffix!r} (expected .safetensors, {', '.join(TORCH_SUFFIXES)})"
+    )
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """INPUT arguments to checkpoints: files and checkpoint folders as given; a folder holding a series
+    to its checkpoint files or checkpoint folders (not both), in name order."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            if is_checkpoint_folder(path):
+                found.append(path)
+                continue
+            children = sorted(path.iterdir())
+            files = [p for p in children if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES]
+            folders = [p for p in children if p.is_dir() and not p.name.startswith(".") and is_checkpoint_folder(p)]
+            if files and folders:
+                raise InputError(
+                    f"{path}: holds both checkpoint files ({len(files)}) and checkpoint folders ({len(folders)}, "
+                    f"e.g. {folders[0].name}); pass the ones you mean"
+                )
+            if not files and not folders:
+                raise InputError(f"{path}: folder holds no .safetensors files, torch files or checkpoint folders")
+            found.extend(files or folders)
+        elif path.is_file():
+            found.append(path)
+        elif path.exists():
+            raise InputError(f"{path}: not a file or folder")
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    if not found:
+        raise InputError("no checkpoints given")
+    kinds = {p.is_dir() for p in found}
+    if len(kinds) > 1:
+        folder = next(p for p in found if p.is_dir())
+        file = next(p for p in found if not p.is_dir())
+        raise InputError(f"{folder} is a folder checkpoint but {file} is a file; a series cannot mix them")
+    return found

@@ -1,0 +1,189 @@
+"""What the engine reads: a checkpoint's tensors by name, their dtypes and shapes, data on demand.
+
+Every format (a safetensors file, a Hugging Face or diffusers folder, a torch pickle) is a
+``CheckpointSource`` made of one or more weight files. Only one weight file of a source is open at a
+time: asking for a tensor of another file drops the previous file's mapping, so a sharded folder is read
+one shard at a time (the plan orders tensors file by file to make that a single sweep).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..safetensors_format import DTYPES, TORCH_TO_NAME, TensorInfo
+
+# Parameter names of LoRA factors (kohya, PEFT, OneTrainer/OMI) and of their scale.
+LORA_FACTOR_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up")
+
+
+def is_lora_alpha(name: str) -> bool:
+    """A LoRA module's ``alpha`` scale: copied from the newest checkpoint, never averaged."""
+    return name.endswith(".alpha")
+
+
+def is_lora_factor(name: str) -> bool:
+    return any(marker in name for marker in LORA_FACTOR_MARKERS)
+
+
+class TensorMeta(TensorInfo):
+    """A tensor's dtype and shape where no byte range applies (torch files); ``nbytes`` still holds."""
+
+    def __init__(self, dtype: str, shape: tuple[int, ...]) -> None:
+        super().__init__(dtype, tuple(shape), 0, math.prod(shape) * DTYPES[dtype][1])
+
+
+def dtype_name(dtype: torch.dtype) -> str | None:
+    return TORCH_TO_NAME.get(dtype)
+
+
+class TensorInfoLike(Protocol):
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def is_float(self) -> bool: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+class OpenFile(Protocol):
+    def flat(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass
+class WeightFile:
+    """One file of weights: its path relative to the checkpoint, its tensors (stored names) and metadata.
+
+    ``open`` maps the file and returns an object with ``flat(stored_name)``; it is called lazily and the
+    result is dropped when another file of the same source is needed.
+    """
+
+    relpath: str
+    path: Path
+    tensors: dict[str, TensorInfoLike]
+    metadata: dict[str, str]
+    open: Callable[[], OpenFile]
+    size: int
+
+
+@dataclass
+class Part:
+    """One model inside a checkpoint: the whole file, or a folder's model (``""``) or component (``unet``).
+
+    Tensors of a component are named ``component/stored_name`` in the source.
+    """
+
+    name: str
+    files: list[WeightFile]
+    index_name: str | None = None  # e.g. "model.safetensors.index.json", relative to the part's folder
+    index_metadata: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.name}/" if self.name else ""
+
+    @property
+    def folder(self) -> str:
+        """The part's folder relative to the checkpoint root."""
+        return self.name
+
+
+@dataclass(frozen=True)
+class FileNote:
+    """A file or folder of a checkpoint that is not averaged, and why (shown by ``inspect``)."""
+
+    relpath: str
+    reason: str
+
+
+class CheckpointSource:
+    """One checkpoint: tensors by name (``tensors``), ``metadata``, ``flat(name)`` data, ``nbytes`` read.
+
+    Attributes:
+        path: the file or folder given.
+        format: a short description (``"safetensors file"``, ``"Hugging Face folder, 3 shards"``, ...).
+        is_folder: a folder checkpoint (its output is a folder mirroring it).
+        parts: the models it holds, each with its weight files.
+        step_records: steps the trainer recorded outside safetensors metadata, as ``(source, step)``.
+        ignored: files not read, and why; copied: files copied unchanged to a folder output.
+        notes: what the reader chose (e.g. the ``--key`` of a torch file), shown to the user.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        format: str,
+        parts: list[Part],
+        metadata: Mapping[str, str] | None = None,
+        is_folder: bool = False,
+    ) -> None:
+        self.path = path
+        self.format = format
+        self.parts = parts
+        self.is_folder = is_folder
+        self.metadata: dict[str, str] = dict(metadata or {})
+        self.step_records: list[tuple[str, int]] = []
+        self.ignored: list[FileNote] = []
+        self.copied: list[str] = []
+        self.notes: list[str] = []
+        self._where: dict[str, tuple[int, str]] = {}  # name -> (file number, stored name)
+        self._files: list[WeightFile] = []
+        self._tensors: dict[str, TensorInfoLike] = {}
+        for part in parts:
+            for weight_file in part.files:
+                number = len(self._files)
+                self._files.append(weight_file)
+                for stored, info in weight_file.tensors.items():
+                    name = part.prefix + stored
+                    self._where[name] = (number, stored)
+                    self._tensors[name] = info
+        self._open_number = -1
+        self._open: OpenFile | None = None
+
+    @property
+    def tensors(self) -> dict[str, TensorInfoLike]:
+        return self._tensors
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.size for f in self._files)
+
+    @property
+    def files(self) -> list[WeightFile]:
+        return self._files
+
+    def file_number(self, name: str) -> int:
+        """Which weight file holds ``name`` (the plan orders tensors by it)."""
+        return self._where[name][0]
+
+    def stored_name(self, name: str) -> str:
+        return self._where[name][1]
+
+    def flat(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as a 1-D view in its stored dtype; opens its file, closing the previous one."""
+        number, stored = self._where[name]
+        if number != self._open_number:
+            self._open = None  # drop the previous file's mapping before opening the next
+            self._open = self._files[number].open()
+            self._open_number = number
+        assert self._open is not None
+        return self._open.flat(stored)
+
+    def close(self) -> None:
+        self._open = None
+        self._open_number = -1
+
+    def rename(self, mapping: Mapping[str, str]) -> None:
+        """Give tensors new names (``old -> new``), e.g. without a ``module.`` prefix."""
+        self._where = {mapping.get(n, n): w for n, w in self._where.items()}
+        self._tensors = {mapping.get(n, n): t for n, t in self._tensors.items()}
+
+    def __repr__(self) -> str:
+        return f"CheckpointSource({str(self.path)!r}, {self.format!r}, {len(self._tensors)} tensors)"

@@ -1,0 +1,160 @@
+"""PyTorch pickles (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), read safely and lazily.
+
+Only ``torch.load(weights_only=True, mmap=True)`` is ever used: the restricted unpickler rebuilds
+tensors, numbers, strings and containers and refuses anything that would run code from the file; the
+tensor data stays in a memory map and is paged in only when the engine reads it. There is no option
+that loads arbitrary pickles: such a file must be converted once, by the user, where they trust it.
+
+The state dict is looked for under the usual nestings (Lightning and kohya ``state_dict``, ``model``,
+``module``, EMA copies); ``--key`` picks another, and the choice is reported.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from .base import CheckpointSource, Part, TensorInfoLike, TensorMeta, WeightFile, dtype_name
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
+# Where trainers put the state dict, in order of preference: raw weights first, EMA copies after.
+STATE_DICT_KEYS = (
+    "state_dict",
+    "model",
+    "module",
+    "model_state_dict",
+    "ema",
+    "model_ema",
+    "state_dict_ema",
+    "ema_model",
+)
+
+
+def _convert_hint(path: Path) -> str:
+    return (
+        'convert it once where you trust it, e.g. python -c "import torch, safetensors.torch as s; '
+        f"s.save_file(torch.load('{path.name}', weights_only=False)['state_dict'], '{path.stem}.safetensors')\" "
+        "(adjust the key), then pass the .safetensors file"
+    )
+
+
+def load_pickle(path: Path) -> object:
+    """``torch.load`` with ``weights_only=True, mmap=True``; refusal messages say why and what to do."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        why = f"it needs {found.group(1)}" if found else "it holds more than tensors"
+        raise InputError(
+            f"{path}: refused: loading it would run code from the file ({why}); ckpt-ema only loads plain "
+            f"tensors with weights_only=True; {_convert_hint(path)}"
+        ) from None
+    except RuntimeError as exc:
+        text = str(exc)
+        if "mmap" in text or "zip" in text.lower():
+            raise InputError(
+                f"{path}: written in torch's legacy (pre-1.6) format, which cannot be memory-mapped; "
+                "re-save it with a current torch or convert it to safetensors"
+            ) from None
+        raise InputError(f"{path}: cannot load as a torch file ({text.splitlines()[0] if text else exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise InputError(f"{path}: cannot load as a torch file ({exc})") from None
+
+
+def _tensor_count(value: object) -> int:
+    if isinstance(value, Mapping):
+        return sum(isinstance(v, torch.Tensor) for v in value.values())
+    return 0
+
+
+def find_state_dict(path: Path, loaded: object, key: str | None) -> tuple[str | None, Mapping[str, object], list[str]]:
+    """The state dict inside a loaded torch file: ``(key or None for the top level, dict, other candidates)``."""
+    if not isinstance(loaded, Mapping):
+        raise InputError(f"{path}: holds a {type(loaded).__name__}, not a state dict")
+    if key is not None:
+        value: object = loaded
+        for part in [key] if key in loaded else key.split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                keys = ", ".join(repr(k) for k in loaded if isinstance(k, str))
+                raise InputError(f"{path}: no key {key!r} (top-level keys: {keys})")
+            value = value[part]
+        if not _tensor_count(value):
+            raise InputError(f"{path}: key {key!r} holds no tensors")
+        return key, value, []  # type: ignore[return-value]
+    candidates = [k for k in STATE_DICT_KEYS if _tensor_count(loaded.get(k))]
+    # nested once more, e.g. {"model": {"module": {...}}} is rare; {"ema": {"module": ...}} not searched
+    top = _tensor_count(loaded)
+    if candidates and top <= len(loaded) // 2:
+        return candidates[0], loaded[candidates[0]], candidates[1:]  # type: ignore[return-value]
+    if top:
+        return None, loaded, candidates
+    nested = [k for k, v in loaded.items() if isinstance(k, str) and _tensor_count(v)]
+    if len(nested) == 1:
+        return nested[0], loaded[nested[0]], []  # type: ignore[return-value]
+    if nested:
+        raise InputError(f"{path}: several dicts of tensors ({', '.join(map(repr, nested))}); choose one with --key")
+    raise InputError(f"{path}: no state dict found (no tensors at the top level or under {', '.join(STATE_DICT_KEYS)})")
+
+
+class _Loaded:
+    def __init__(self, state: Mapping[str, object]) -> None:
+        self.state = state
+
+    def flat(self, name: str) -> torch.Tensor:
+        tensor = self.state[name]
+        assert isinstance(tensor, torch.Tensor)
+        # contiguous tensors are views into the mapped file; a rare strided one is copied once
+        return tensor.contiguous().reshape(-1)
+
+
+def torch_weight_file(path: Path, relpath: str, key: str | None = None) -> tuple[WeightFile, dict[str, object]]:
+    """A weight file for a torch pickle, plus what was learnt while loading it (``info``)."""
+    loaded = load_pickle(path)
+    chosen, state, others = find_state_dict(path, loaded, key)
+    tensors: dict[str, TensorInfoLike] = {}
+    skipped = []
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            skipped.append(str(name))
+            continue
+        dtype = dtype_name(value.dtype)
+        if dtype is None:
+            raise InputError(f"{path}: tensor {name!r} has dtype {value.dtype}, which ckpt-ema does not handle")
+        tensors[str(name)] = TensorMeta(dtype, tuple(value.shape))
+    info: dict[str, object] = {"key": chosen, "others": others, "skipped": skipped, "top": loaded}
+
+    def reopen() -> _Loaded:
+        again = load_pickle(path)
+        return _Loaded(find_state_dict(path, again, chosen)[1] if chosen is not None else again)  # type: ignore[arg-type]
+
+    del state, loaded
+    weight_file = WeightFile(relpath, path, tensors, {}, reopen, path.stat().st_size)
+    return weight_file, info
+
+
+def open_torch_file(path: Path, key: str | None = None) -> CheckpointSource:
+    weight_file, info = torch_weight_file(path, path.name, key)
+    top = info.pop("top")
+    source = CheckpointSource(path, "torch file (weights_only)", [Part("", [weight_file])])
+    if info["key"] is not None:
+        others = info["others"]
+        alt = f"; also found {', '.join(map(repr, others))} (--key to choose)" if others else ""
+        source.notes.append(f"state dict under key {info['key']!r}{alt}")
+        source.format += f", key {info['key']!r}"
+    if info["skipped"]:
+        skipped = info["skipped"]
+        source.notes.append(f"{len(skipped)} non-tensor entries of the state dict skipped ({', '.join(skipped[:4])})")
+    if isinstance(top, Mapping):
+        step = top.get("global_step")
+        if isinstance(step, int) and not isinstance(step, bool):
+            label = "Lightning 'global_step'" if "pytorch-lightning_version" in top else "'global_step' in the file"
+            source.step_records.append((label, step))
+        if "pytorch-lightning_version" in top:
+            source.format = f"Lightning checkpoint {top['pytorch-lightning_version']}, key {info['key']!r}"
+    return source

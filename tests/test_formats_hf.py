@@ -1,0 +1,163 @@
+"""Hugging Face folders as transformers writes them: Trainer ``checkpoint-N/`` folders with sharded
+``save_pretrained`` weights, merged into a folder that ``from_pretrained`` loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ckpt_ema import merge, merge_to_state_dict, readers
+from ckpt_ema.safetensors_format import SafetensorsReader
+
+from .formats_reference import assert_close, ema_reference, run
+
+transformers = pytest.importorskip("transformers")
+
+STEPS = [100, 200, 300]
+BETA = 0.99
+
+
+def _model(seed: int = 0):
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.fixture(scope="module")
+def trainer_run(tmp_path_factory) -> tuple[Path, list[dict[str, torch.Tensor]]]:
+    """A Trainer-like output_dir: checkpoint-N/ with 20 kB shards, trainer state and resume files."""
+    root = tmp_path_factory.mktemp("hf") / "output"
+    model = _model()
+    states = []
+    for step in STEPS:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+        folder = root / f"checkpoint-{step}"
+        model.save_pretrained(folder, max_shard_size="20KB")
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": step / 300}))
+        torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+        torch.save({"last_epoch": step}, folder / "scheduler.pt")
+        (folder / "rng_state.pth").write_bytes(b"rng")
+        (folder / "training_args.bin").write_bytes(b"not loaded")
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    return root, states
+
+
+def test_sharded_trainer_folders_merge_to_a_loadable_folder(trainer_run, tmp_path):
+    root, states = trainer_run
+    out = tmp_path / "ema"
+    run("merge", root, "--decay", BETA, "-o", out, "-q")
+    newest = root / "checkpoint-300"
+    shards = sorted(p.name for p in newest.glob("model-*.safetensors"))
+    assert len(shards) > 2
+    assert sorted(p.name for p in out.glob("model-*.safetensors")) == shards
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*shards, "model.safetensors.index.json", "config.json", "generation_config.json"]
+    )
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    merged = {}
+    for shard in shards:
+        tensors = load_file(out / shard)
+        assert all(index["weight_map"][name] == shard for name in tensors)
+        merged.update(tensors)
+    assert set(index["weight_map"]) == set(merged)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
+    expected = ema_reference(STEPS, states, BETA)
+    for name, tensor in merged.items():
+        assert_close(tensor, expected[name])
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(out)
+    for name, tensor in loaded.state_dict().items():
+        source = "transformer.wte.weight" if name == "lm_head.weight" else name  # tied
+        assert_close(tensor, expected[source])
+
+
+def test_shards_are_read_one_at_a_time(trainer_run, monkeypatch):
+    root, _ = trainer_run
+    opened: list[Path] = []
+    original = SafetensorsReader._mapping
+
+    def counting(self):
+        if self._map is None:
+            opened.append(self.header.path)
+        return original(self)
+
+    monkeypatch.setattr(SafetensorsReader, "_mapping", counting)
+    merge_to_state_dict([root], decay=[BETA])
+    shards = sorted((root / "checkpoint-300").glob("model-*.safetensors"))
+    # each shard of each checkpoint is mapped once: the pass sweeps the files in order
+    assert len(opened) == len(set(opened)) == len(shards) * len(STEPS)
+
+
+def test_single_file_format_and_steps_from_trainer_state(trainer_run, tmp_path):
+    root, states = trainer_run
+    out = tmp_path / "ema.safetensors"
+    result = run("merge", root, "--decay", BETA, "--format", "safetensors", "-o", out, "--json")
+    summary = json.loads(result.stdout)
+    assert [c["step_source"] for c in summary["checkpoints"]] == ["trainer_state.json 'global_step'"] * 3
+    expected = ema_reference(STEPS, states, BETA)
+    tensors = load_file(out)
+    assert set(tensors) == set(expected) - {"lm_head.weight"}  # tied to wte: save_pretrained drops it
+    for name, tensor in tensors.items():
+        assert_close(tensor, expected[name])
+
+
+def test_trainer_state_disagreeing_with_the_name_is_an_error(tmp_path):
+    model = _model()
+    for step in (10, 20):
+        model.save_pretrained(tmp_path / "run" / f"checkpoint-{step}")
+        (tmp_path / "run" / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": 15}))
+    result = run("plan", tmp_path / "run", "--decay", 0.9, expect=1)
+    assert "trainer_state.json 'global_step' says step 15" in result.stderr
+    assert "checkpoint-10" in result.stderr
+
+
+def test_inspect_lists_steps_and_ignored_files(trainer_run):
+    root, _ = trainer_run
+    out = run("inspect", root).stdout
+    assert "step        300  from trainer_state.json 'global_step'" in out
+    assert "ignored     optimizer.pt: optimizer state" in out
+    assert "ignored     training_args.bin: training arguments" in out
+    assert "copied      config.json, generation_config.json" in out
+    assert "series: ok: 3 checkpoints, steps 100 to 300" in out
+
+
+def test_folder_output_is_atomic_and_never_replaces_an_input(trainer_run, tmp_path, monkeypatch):
+    root, _ = trainer_run
+    run("merge", root, "--decay", BETA, "-o", root / "checkpoint-300", "--force", expect=1)
+    out = tmp_path / "ema"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert "already exists" in run("merge", root, "--decay", BETA, "-o", out, expect=1).stderr
+
+    from ckpt_ema import writer
+
+    calls = {"n": 0}
+    original = writer.SafetensorsWriter.write
+
+    def failing(self, name, data):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(28, "No space left on device")
+        return original(self, name, data)
+
+    monkeypatch.setattr(writer.SafetensorsWriter, "write", failing)
+    with pytest.raises(OSError):
+        merge([root], out, force=True, decay=[BETA])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema"]  # no temporary folder left
+    assert (out / "old.txt").read_text() == "old"  # the old output is untouched
+    monkeypatch.setattr(writer.SafetensorsWriter, "write", original)
+    merge([root], out, force=True, decay=[BETA])
+    assert not (out / "old.txt").exists() and (out / "config.json").exists()
+
+
+def test_reader_finds_the_layout(trainer_run):
+    root, _ = trainer_run
+    source = readers.open_checkpoint(root / "checkpoint-200")
+    assert source.is_folder and source.step_records == [("trainer_state.json 'global_step'", 200)]
+    assert source.format.startswith("Hugging Face folder (model: ")
+    assert {n.relpath for n in source.ignored} >= {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
