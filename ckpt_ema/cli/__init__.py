@@ -18,3 +18,4 @@ def main() -> None:
 
 from . import inspect  # noqa: E402, F401, I001  (registers inspect)
 from . import merge  # noqa: E402, F401  (registers merge, plan)
+from . import sweep  # noqa: E402, F401  (registers sweep)

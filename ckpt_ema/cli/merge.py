@@ -11,6 +11,7 @@ import click
 from tqdm import tqdm
 
 from ..api import MergeJob, output_paths
+from ..plotting import plot_weights, require_matplotlib
 from ..report import describe_output, describe_plan
 from . import main
 from .common import plan_from, series_options, user_errors
@@ -75,16 +76,28 @@ def merge(output: Path, force: bool, quiet: bool, fmt: str | None, **options: An
 
 @main.command("plan")
 @series_options
+@click.option(
+    "--plot",
+    type=click.Path(path_type=Path),
+    metavar="PNG",
+    help="Also draw each checkpoint's coefficient against its step, per target, into this PNG (needs matplotlib).",
+)
 @user_errors
-def plan_command(**options: Any) -> None:
+def plan_command(plot: Path | None, **options: Any) -> None:
     """Show what merge would compute, reading only the files' headers.
 
     \b
     Example:
       ckpt-ema plan runs/*.safetensors --half-life 500 --sigma-rel 0.1
+      ckpt-ema plan runs/ --decay 0.999 --sigma-rel 0.1 --plot weights.png
     """
+    if plot is not None:
+        require_matplotlib()
     plan = plan_from(options)
     if options["as_json"]:
         click.echo(json.dumps(plan.to_json(), indent=2))
     else:
         click.echo(describe_plan(plan))
+    if plot is not None:
+        plot_weights(plan, plot)
+        click.echo(f"wrote {plot}", err=options["as_json"])

@@ -1,0 +1,157 @@
+"""``ckpt-ema sweep``: every candidate EMA in one pass, scored by the user's evaluation command.
+
+Also the helpers the sweep, batch and doctor commands share: comma lists for targets, the progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from ..api import MergeJob
+from ..errors import OutputError
+from ..plotting import plot_scores, require_matplotlib
+from ..sweep import (
+    SweepResult,
+    candidates_from_plan,
+    describe_sweep,
+    discard_others,
+    evaluate,
+    paths_in_folder,
+    pick_best,
+    sweep_json,
+    write_json,
+)
+from ..targets import KINDS
+from . import main
+from .common import plan_from, series_options, user_errors
+
+
+def split_lists(values: Iterable[str]) -> list[str]:
+    """Repeated options that may each hold a comma list: ``("0.9,0.95", "0.99")`` -> ``["0.9", "0.95", "0.99"]``."""
+    return [part for value in values for part in str(value).replace(" ", "").split(",") if part]
+
+
+def split_target_lists(options: dict[str, Any]) -> None:
+    """``--decay 0.9,0.99 --decay 0.999`` in place: every target option accepts comma lists and repetition."""
+    for kind in KINDS:
+        options[kind] = split_lists(options.get(kind) or ())
+
+
+def run_pass(job: Iterable[int], total: int, desc: str, quiet: bool = False) -> None:
+    """Run a streaming pass (an iterable of bytes read) under a tqdm bar on stderr, silent when piped."""
+    with tqdm(
+        total=total, unit="B", unit_scale=True, desc=desc, disable=True if quiet else None, file=sys.stderr
+    ) as bar:
+        for done in job:
+            bar.update(done)
+
+
+def warn(message: str) -> None:
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def make_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: is a file; -o must be a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
+
+
+@main.command()
+@series_options
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Folder for the candidates and sweep.json."
+)
+@click.option("--eval", "eval_command", metavar="CMD", help='Score each candidate: a shell command with {path}, e.g. "python eval.py {path}"; the score is the last number it prints.')  # fmt: skip
+@click.option("--minimize/--maximize", default=True, show_default=True, help="Whether a lower or a higher score is better.")  # fmt: skip
+@click.option(
+    "--keep",
+    type=click.Choice(["all", "best"]),
+    default="all",
+    show_default=True,
+    help="best: delete the other candidates' files after scoring (needs --eval).",
+)
+@click.option("--plot", is_flag=True, help="Also write OUTPUT/sweep.png: score against half-life (needs matplotlib).")
+@click.option("--force", is_flag=True, help="Replace existing candidate files.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@user_errors
+def sweep(
+    output: Path,
+    eval_command: str | None,
+    minimize: bool,
+    keep: str,
+    plot: bool,
+    force: bool,
+    quiet: bool,
+    **options: Any,
+) -> None:
+    """Write many EMA candidates in one pass, score each with your evaluation, and pick the best.
+
+    Each target option takes a comma list and can be repeated. The candidates go to OUTPUT/ named after
+    their targets (decay-0.99.safetensors, sigma_rel-0.1.safetensors, ...); OUTPUT/sweep.json records
+    them with their coefficients and scores.
+
+    \b
+    Examples:
+      ckpt-ema sweep runs/ --decay 0.99,0.995,0.999 --sigma-rel 0.05,0.1,0.2 -o sweep/
+      ckpt-ema sweep runs/ --sigma-rel 0.05,0.1 -o sweep/ --eval "python eval.py {path}" --keep best
+      ckpt-ema sweep runs/ --half-life 100,500 -o sweep/ --eval "./score.sh {path}" --maximize --plot
+    """
+    if keep == "best" and not eval_command:
+        raise click.UsageError("--keep best needs --eval (the scores decide which candidate is best)")
+    if plot and not eval_command:
+        raise click.UsageError("--plot needs --eval (it plots the scores)")
+    if plot:
+        require_matplotlib()  # before the pass, not after it
+    split_target_lists(options)
+    plan = plan_from(options)
+    make_folder(output)
+    paths = paths_in_folder(plan, output, force=force)
+    for warning in plan.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    with MergeJob(plan, paths, on_warning=warn) as job:
+        run_pass(job, job.total_bytes, "sweep", quiet)
+        job.commit()
+
+    result = SweepResult(plan, candidates_from_plan(plan, paths), eval_command, maximize=not minimize)
+    if eval_command:
+        for candidate in tqdm(result.candidates, desc="eval", disable=True if quiet else None, file=sys.stderr):
+            candidate.score, candidate.error = evaluate(eval_command, candidate.path)
+            if candidate.error:
+                tqdm.write(f"eval failed for {candidate.name}: {candidate.error}", file=sys.stderr)
+        result.best = pick_best(result.candidates, result.maximize)
+        if keep == "best":
+            deleted = discard_others(result)
+            if deleted:
+                click.echo(f"--keep best: deleted the {len(deleted)} other candidates", err=True)
+    write_json(output / "sweep.json", sweep_json(result))
+    if plot and result.best is not None:
+        scored = result.candidates
+        plot_scores(
+            [c.half_life for c in scored],
+            [c.score for c in scored],
+            [c.name for c in scored],
+            [c.kind for c in scored],
+            result.best,
+            output / "sweep.png",
+            ylabel=f"score ({result.direction}d)",
+        )
+    if options["as_json"]:
+        click.echo(json.dumps(sweep_json(result), indent=2))
+    else:
+        click.echo("\n".join(describe_sweep(result)))
+        click.echo(f"\nwrote {len(paths)} candidates and {output / 'sweep.json'}" + (f" and {output / 'sweep.png'}" if plot and result.best is not None else ""))  # fmt: skip
+        if result.best is not None:
+            best = result.candidates[result.best]
+            click.echo(f"best: {best.name} (score {best.score:.6g}, {result.direction}d) -> {best.path}")
+    if eval_command and result.best is None:
+        raise click.ClickException(f"every evaluation failed; see the messages above and {output / 'sweep.json'}")
