@@ -19,6 +19,7 @@ from . import layouts
 from .engine import DEFAULT_CHUNK_ELEMENTS, MemorySink, MergePass
 from .errors import OutputError
 from .plan import Plan, plan_ema
+from .posthoc import plan_posthoc
 from .series import load_series
 from .targets import parse_targets
 from .writer import SafetensorsWriter, remove_stale_temps
@@ -43,6 +44,8 @@ def plan_merge(
     key: str | None = None,
     component: Sequence[str] | None = None,
     allow_mixed_runs: bool = False,
+    tracked_sigma_rel: Numbers = (),
+    tracked_gamma: Numbers = (),
 ) -> Plan:
     """Find the series, its steps and each output's coefficients, reading only file headers.
 
@@ -58,8 +61,15 @@ def plan_merge(
         key: for torch files, the key of the state dict (default: the usual nestings are searched).
         component: for component folders (diffusers, OneTrainer), the components to average (default: all).
         allow_mixed_runs: accept kohya files from different training sessions (``ss_session_id``).
+        tracked_sigma_rel, tracked_gamma: the inputs are snapshots of these power-function EMAs (EDM2,
+            ema-pytorch ``PostHocEMA``); each target is then reconstructed from them (see ``posthoc``).
     """
     targets = parse_targets(decay=decay, half_life=half_life, sigma_rel=sigma_rel, gamma=gamma)
+    if tracked_sigma_rel or tracked_gamma:
+        return plan_posthoc(
+            inputs, targets, tracked_sigma_rel, tracked_gamma, at=at, steps=steps, init=init,
+            per_checkpoint=per_checkpoint, dtype=dtype,
+        )  # fmt: skip
     checkpoints = load_series(
         inputs,
         steps=steps,

@@ -21,6 +21,8 @@ from .targets import Target
 
 OUTPUT_DTYPES = {"same": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 LARGE_FIRST_SHARE = 0.10
+# Reconstruction outputs (posthoc.py) carry these in their params; to_json also shows them per output.
+FIT_DIAGNOSTICS = ("condition_number", "abs_sum", "fit_error")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class Plan:
         for index, (ckpt, coef) in enumerate(zip(self.checkpoints, output.coefficients)):
             meta[f"ckpt_ema.input.{index}.path"] = str(ckpt.path)
             meta[f"ckpt_ema.input.{index}.step"] = str(ckpt.step)
+            for key, value in _profile_json(ckpt).items():  # EMA snapshots: the tracked profile
+                meta[f"ckpt_ema.input.{index}.{key}"] = repr(value)
             meta[f"ckpt_ema.input.{index}.coefficient"] = repr(float(coef))
         return meta
 
@@ -120,8 +124,9 @@ class Plan:
                     "name": o.name,
                     "target": {"method": o.method, **o.params},
                     "equivalents": self.equivalents(o),
+                    **{k: o.params[k] for k in FIT_DIAGNOSTICS if k in o.params},
                     "inputs": [
-                        {"path": str(c.path), "step": c.step, "coefficient": coef}
+                        {"path": str(c.path), "step": c.step, **_profile_json(c), "coefficient": coef}
                         for c, coef in zip(self.checkpoints, o.coefficients)
                     ],
                 }
@@ -242,4 +247,12 @@ def _checkpoint_json(c: Checkpoint) -> dict[str, object]:
         "step_source": c.step_info.source,
         "ambiguous_step": c.step_info.ambiguous,
         "init": c.is_init,
+        **_profile_json(c),
     }
+
+
+def _profile_json(c: Checkpoint) -> dict[str, float]:
+    """For a snapshot of a power-function EMA (reconstruction), its tracked profile."""
+    if c.tracked_gamma is None:
+        return {}
+    return {"sigma_rel": kernels.gamma_to_sigma_rel(c.tracked_gamma), "gamma": c.tracked_gamma}

@@ -6,12 +6,14 @@ import os
 
 from . import kernels
 from .plan import OutputPlan, Plan
+from .series import Checkpoint
 
 
 def describe_series(plan: Plan) -> list[str]:
     """The checkpoints found, their steps and where each step came from."""
     steps = [c.step for c in plan.checkpoints]
-    gaps = sorted({b - a for a, b in zip(steps, steps[1:])})
+    unique = sorted(set(steps))  # EMA snapshots: several tracked profiles share a step
+    gaps = sorted({b - a for a, b in zip(unique, unique[1:])})
     spacing = (
         f"every {gaps[0]} steps"
         if len(gaps) == 1
@@ -19,12 +21,15 @@ def describe_series(plan: Plan) -> list[str]:
         if gaps
         else "one checkpoint"
     )
-    lines = [
-        f"{len(steps)} checkpoints, steps {steps[0]} to {steps[-1]} ({spacing}); target step T = {plan.target_step}"
-    ]
+    kind = "checkpoints"
+    tracked = sorted({kernels.gamma_to_sigma_rel(c.tracked_gamma) for c in plan.checkpoints if c.tracked_gamma is not None})
+    if tracked:
+        kind = f"EMA snapshots of sigma_rel {', '.join(f'{s:.4g}' for s in tracked)}"
+    lines = [f"{len(steps)} {kind}, steps {steps[0]} to {steps[-1]} ({spacing}); target step T = {plan.target_step}"]
     width = max(len(_short(c.path)) for c in plan.checkpoints)
     for c in plan.checkpoints:
         role = "  (--init, step 0)" if c.is_init else f"  step from {c.step_info.source}"
+        role += f", sigma_rel {_profile(c)}" if c.tracked_gamma is not None else ""
         lines.append(f"  {c.step:>9}  {_short(c.path):<{width}}{role}")
     for c in plan.ignored:
         lines.append(f"  {c.step:>9}  {_short(c.path):<{width}}  ignored: after T")
@@ -35,11 +40,15 @@ def describe_coefficients(plan: Plan) -> list[str]:
     """A table: one row per checkpoint, one column per output."""
     names = [o.name for o in plan.outputs]
     widths = [max(10, len(n)) for n in names]
-    lines = ["coefficients   " + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths))]
-    for j, c in enumerate(plan.checkpoints):
-        label = "init" if c.is_init else f"step {c.step}"
+    labels = [
+        "init" if c.is_init else f"step {c.step}" + (f" s{_profile(c)}" if c.tracked_gamma is not None else "")
+        for c in plan.checkpoints
+    ]
+    label_width = max(12, *map(len, labels))
+    lines = [f"{'coefficients':<{label_width + 3}}" + "  ".join(f"{n:>{w}}" for n, w in zip(names, widths))]
+    for j, label in enumerate(labels):
         cells = "  ".join(f"{o.coefficients[j]:>{w}.6f}" for o, w in zip(plan.outputs, widths))
-        lines.append(f"  {label:<12} {cells}")
+        lines.append(f"  {label:<{label_width}} {cells}")
     return lines
 
 
@@ -56,6 +65,8 @@ def describe_output(plan: Plan, output: OutputPlan) -> str:
             parts.append(
                 f"at step {plan.target_step} like decay {eq['decay_at_target']:.6g} (half-life {eq['half_life']:.4g} steps)"
             )
+    elif output.method == "reconstruction":  # the first snapshot's share means nothing here
+        return f"{output.name}: {_describe_reconstruction(output)}"
     else:
         parts.append(output.method)
     if "half_life_checkpoints" in eq:
@@ -73,6 +84,23 @@ def describe_plan(plan: Plan) -> str:
     lines += [describe_output(plan, o) for o in plan.outputs]
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
+
+
+def _describe_reconstruction(output: OutputPlan) -> str:
+    p = output.params
+    if "gamma" in p:
+        target = f"power EMA, sigma_rel {p['sigma_rel']:.4g}, gamma {p['gamma']:.4g}"
+    else:
+        target = f"classic EMA (bias-corrected), decay {p['decay']:.6g} per step, half-life {p['half_life']:.4g} steps"
+    used = sum(1 for c in output.coefficients if c != 0.0)
+    return (
+        f"{target}, reconstructed from {used} snapshots; condition number {p['condition_number']:.3g}, "
+        f"Σ|x| {p['abs_sum']:.4g}, fit error {p['fit_error']:.3%}"
+    )
+
+
+def _profile(c: Checkpoint) -> str:
+    return f"{kernels.gamma_to_sigma_rel(c.tracked_gamma):.4g}"  # type: ignore[arg-type]
 
 
 def _short(path: os.PathLike) -> str:

@@ -21,12 +21,17 @@ NORMALISED_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel wrappers, 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint of the series: where it is, its step, and how the step was found."""
+    """A checkpoint of the series: where it is, its step, and how the step was found.
+
+    ``tracked_gamma`` is set when the checkpoint is a snapshot of a power-function EMA (SPEC §4) rather
+    than raw weights: the exponent of the profile it holds.
+    """
 
     source: CheckpointSource
     step: int
     step_info: StepInfo
     is_init: bool = False
+    tracked_gamma: float | None = None
 
     @property
     def path(self) -> Path:

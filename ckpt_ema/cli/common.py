@@ -33,6 +33,17 @@ class StepList(click.ParamType):
         return steps
 
 
+class NumberList(click.ParamType):
+    """``0.05,0.10``: a list of numbers, checked later where their meaning is known."""
+
+    name = "X0,X1,..."
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[str]:
+        if isinstance(value, list):
+            return value
+        return [part for part in str(value).replace(" ", "").split(",") if part]
+
+
 class _Terminated(Exception):
     """SIGTERM arrived; unwinds like Ctrl-C so temporary files are removed."""
 
@@ -99,6 +110,21 @@ def series_options(command: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Dtype of averaged tensors in the output.",
         ),
+        click.option(
+            "--tracked-sigma-rel",
+            type=NumberList(),
+            default="",
+            metavar="S0,S1,...",
+            help="The inputs are EMA snapshots of these power EMAs (EDM2, ema-pytorch PostHocEMA, in the "
+            "trainer's order); each target is reconstructed from them.",
+        ),
+        click.option(
+            "--tracked-gamma",
+            type=NumberList(),
+            default="",
+            metavar="G0,G1,...",
+            help="As --tracked-sigma-rel, by gamma.",
+        ),
         click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout."),
         *reader_options,
     ]
@@ -123,6 +149,8 @@ def plan_from(options: dict[str, Any]) -> Plan:
         key=options["key"],
         component=options["component"] or None,
         allow_mixed_runs=options["allow_mixed_runs"],
+        tracked_sigma_rel=options["tracked_sigma_rel"],
+        tracked_gamma=options["tracked_gamma"],
     )
 
 
