@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InputError, SeriesError, StepError
-from .readers import CheckpointSource, expand_inputs, is_lora_alpha, is_lora_factor, open_checkpoint
+from .readers import CheckpointSource, FileNote, expand_inputs, is_lora_alpha, is_lora_factor, open_checkpoint
 from .steps import StepInfo, detect_step
 
 NORMALISED_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel wrappers, torch.compile
@@ -38,9 +38,10 @@ class Checkpoint:
         return self.source.path
 
 
-def discover_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand INPUT arguments: files and checkpoint folders as given, series folders to their checkpoints."""
-    found = expand_inputs(inputs)
+def discover_inputs(inputs: Sequence[str | os.PathLike], skipped: list[FileNote] | None = None) -> list[Path]:
+    """Expand INPUT arguments: files and checkpoint folders as given, series folders to their checkpoints
+    (what a series folder holds besides them is noted in ``skipped``)."""
+    found = expand_inputs(inputs, skipped)
     _refuse_repeats(found)
     return found
 

@@ -161,3 +161,38 @@ def test_reader_finds_the_layout(trainer_run):
     assert source.is_folder and source.step_records == [("trainer_state.json 'global_step'", 200)]
     assert source.format.startswith("Hugging Face folder (model: ")
     assert {n.relpath for n in source.ignored} >= {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
+
+
+def test_output_dir_with_the_final_model_beside_the_checkpoints(trainer_run, tmp_path):
+    """After training, Trainer.save_model() writes the final model into output_dir beside checkpoint-N/."""
+    root, states = trainer_run
+    output_dir = tmp_path / "output"
+    for child in root.iterdir():
+        (output_dir / child.name).mkdir(parents=True)
+        for f in child.iterdir():
+            (output_dir / child.name / f.name).symlink_to(f)
+    _model().save_pretrained(output_dir, max_shard_size="20KB")
+    text = run("inspect", output_dir).stdout
+    assert "series: ok: 3 checkpoints, steps 100 to 300" in text
+    assert "model.safetensors.index.json" not in text.split("skipped")[0]
+    assert "final model beside checkpoint folders" in text
+    out = tmp_path / "emas"
+    run("merge", output_dir, "--decay", BETA, "--decay", 0.9, "-o", out, "-q")
+    assert sorted(p.name for p in out.iterdir()) == ["decay-0.9", "decay-0.99"]
+    for name, beta in (("decay-0.9", 0.9), ("decay-0.99", BETA)):
+        loaded = transformers.GPT2LMHeadModel.from_pretrained(out / name)
+        expected = ema_reference(STEPS, states, beta)
+        assert_close(loaded.state_dict()["transformer.h.1.mlp.c_fc.weight"], expected["transformer.h.1.mlp.c_fc.weight"])
+
+
+def test_base_model_folder_as_init(trainer_run, tmp_path):
+    root, states = trainer_run
+    base = tmp_path / "base"
+    model = _model()
+    model.save_pretrained(base)
+    init_state = model.state_dict()
+    out = tmp_path / "ema"
+    run("merge", root, "--decay", BETA, "--init", base, "-o", out, "-q")
+    expected = ema_reference([0, *STEPS], [init_state, *states], BETA)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(out)
+    assert_close(loaded.state_dict()["transformer.wpe.weight"], expected["transformer.wpe.weight"])

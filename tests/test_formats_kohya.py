@@ -142,3 +142,21 @@ def test_onetrainer_single_file_saves(tmp_path):
     expected = ema_reference(steps, states, BETA)
     name = "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"
     assert_close(merged[name].float(), expected[name], rtol=2e-3)
+
+
+def test_resume_state_folders_beside_the_files_are_skipped(tmp_path):
+    """--save_state writes NAME-stepNNNNNNNN-state/ (accelerate state) beside each saved file."""
+    root = tmp_path / "output"
+    steps = [400, 800]
+    states = _series(root, steps)
+    for step in steps:
+        state = root / f"mychar-step{step:08d}-state"
+        state.mkdir()
+        save_file(_lora(step + 1), state / "model.safetensors")
+        (state / "train_state.json").write_text(json.dumps({"current_step": step, "current_epoch": 0}))
+    text = run("inspect", root).stdout
+    assert "kohya resume state (the saved files beside it are read)" in text
+    merged = load_file(_merge(root, tmp_path / "ema.safetensors"))
+    expected = ema_reference(steps, states, BETA)
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight"
+    assert_close(merged[name].float(), expected[name], rtol=2e-3)

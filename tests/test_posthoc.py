@@ -414,3 +414,17 @@ def test_refusals(tmp_path, setup, args, message):
     assert result.exit_code == 1, result.output
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
     assert message in result.output
+
+
+def test_steps_option_and_single_tracked_profile(run, tmp_path):
+    # Names without step or sigma_rel: one tracked profile, steps given with --steps (in the order given).
+    paths = []
+    for step in (300, 100, 200, 400):
+        path = tmp_path / f"ema_at_{step // 100}x.safetensors"
+        save_file({k: v for k, v in run.power[0.05][step].items()}, str(path))
+        paths.append(path)
+    summary = plan_json(*paths, "--steps", "300,100,200,400", "--tracked-sigma-rel", 0.05, "--sigma-rel", 0.05)
+    output = summary["outputs"][0]
+    assert [i["step"] for i in output["inputs"]] == [100, 200, 300, 400]
+    assert output["inputs"][-1]["coefficient"] == pytest.approx(1.0, abs=1e-9)  # the target is the snapshot at T
+    assert summary["checkpoints"][0]["step_source"] == "--steps"

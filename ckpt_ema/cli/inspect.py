@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..errors import CkptEmaError
-from ..readers import CheckpointSource, is_lora_alpha, open_checkpoint
+from ..readers import CheckpointSource, FileNote, is_lora_alpha, open_checkpoint
 from ..series import checkpoint_stem, discover_inputs, load_series
 from ..steps import detect_step
 from . import main
@@ -99,7 +99,9 @@ def inspect_command(inputs: tuple[Path, ...], as_json: bool, **options: Any) -> 
       ckpt-ema inspect workspace/backup/ --component unet
     """
     component = options["component"] or None
-    entries = [describe_source(open_checkpoint(p, options["key"], component)) for p in discover_inputs(inputs)]
+    skipped: list[FileNote] = []
+    paths = discover_inputs(inputs, skipped)
+    entries = [describe_source(open_checkpoint(p, options["key"], component)) for p in paths]
     entries.sort(key=lambda e: (e["step"] is None, e["step"] if e["step"] is not None else 0, e["path"]))
     try:
         series = load_series(
@@ -110,8 +112,15 @@ def inspect_command(inputs: tuple[Path, ...], as_json: bool, **options: Any) -> 
     except CkptEmaError as exc:
         verdict, ok = f"problem: {exc}", False
     if as_json:
-        click.echo(json.dumps({"checkpoints": entries, "series": {"ok": ok, "message": verdict}}, indent=2))
+        summary = {
+            "checkpoints": entries,
+            "skipped": [{"path": n.relpath, "reason": n.reason} for n in skipped],
+            "series": {"ok": ok, "message": verdict},
+        }
+        click.echo(json.dumps(summary, indent=2))
         return
     for entry in entries:
         click.echo("\n".join(_text(entry)))
+    for note in skipped:
+        click.echo(f"skipped {note.relpath}: {note.reason}")
     click.echo(f"series: {verdict}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .base import CheckpointSource, FileNote, Part, TensorMeta, WeightFile, is_lora_alpha, is_lora_factor
-from .folder import is_checkpoint_folder, open_folder
+from .folder import CHECKPOINT_FOLDER_NAME, WEIGHT_NAME, is_checkpoint_folder, open_folder
 from .safetensors_file import open_safetensors_file
 from .torch_pickle import TORCH_SUFFIXES, open_torch_file
 
@@ -58,19 +58,40 @@ def open_checkpoint(
     )
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+def expand_inputs(inputs: Sequence[str | os.PathLike], skipped: list[FileNote] | None = None) -> list[Path]:
     """INPUT arguments to checkpoints: files and checkpoint folders as given; a folder holding a series
-    to its checkpoint files or checkpoint folders (not both), in name order."""
+    to its checkpoint files or checkpoint folders (not both), in name order.
+
+    A training output folder that holds ``checkpoint-N/`` (or OneTrainer ``-backup-``) folders is a series
+    even when the final model was saved beside them; kohya's ``-state`` resume folders beside the saved
+    files are skipped. What is skipped, and why, is appended to ``skipped`` (shown by ``inspect``).
+    """
+    notes: list[FileNote] = [] if skipped is None else skipped
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            if is_checkpoint_folder(path):
+            children = sorted(path.iterdir())
+            numbered = [p for p in children if p.is_dir() and CHECKPOINT_FOLDER_NAME.search(p.name)]
+            if is_checkpoint_folder(path) and not numbered:
                 found.append(path)
                 continue
-            children = sorted(path.iterdir())
             files = [p for p in children if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES]
-            folders = [p for p in children if p.is_dir() and not p.name.startswith(".") and is_checkpoint_folder(p)]
+            folders = numbered or [
+                p for p in children if p.is_dir() and not p.name.startswith(".") and is_checkpoint_folder(p)
+            ]
+            if numbered:  # the final save_pretrained beside checkpoint-N/ folders has no step
+                final = [p for p in files if WEIGHT_NAME.match(p.name)]
+                notes.extend(
+                    FileNote(str(p), "final model beside checkpoint folders; pass it to include it") for p in final
+                )
+                files = [p for p in files if p not in final]
+            states = [p for p in folders if p.name.endswith("-state")]
+            if files and states:
+                notes.extend(
+                    FileNote(str(p), "kohya resume state (the saved files beside it are read)") for p in states
+                )
+                folders = [p for p in folders if p not in states]
             if files and folders:
                 raise InputError(
                     f"{path}: holds both checkpoint files ({len(files)}) and checkpoint folders ({len(folders)}, "
@@ -78,6 +99,12 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
                 )
             if not files and not folders:
                 raise InputError(f"{path}: folder holds no .safetensors files, torch files or checkpoint folders")
+            chosen = set(files or folders)
+            notes.extend(
+                FileNote(str(p), "not a checkpoint")
+                for p in children
+                if p not in chosen and not p.name.startswith(".") and all(n.relpath != str(p) for n in notes)
+            )
             found.extend(files or folders)
         elif path.is_file():
             found.append(path)
