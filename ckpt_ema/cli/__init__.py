@@ -19,3 +19,4 @@ def main() -> None:
 from . import inspect  # noqa: E402, F401, I001  (registers inspect)
 from . import merge  # noqa: E402, F401  (registers merge, plan)
 from . import sweep  # noqa: E402, F401  (registers sweep)
+from . import batch  # noqa: E402, F401  (registers batch)

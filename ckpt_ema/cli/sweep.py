@@ -44,11 +44,14 @@ def split_target_lists(options: dict[str, Any]) -> None:
         options[kind] = split_lists(options.get(kind) or ())
 
 
+def progress_bar(total: int, desc: str, quiet: bool = False) -> tqdm:
+    """A bytes progress bar on stderr, silent when piped (or with ``quiet``)."""
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=True if quiet else None, file=sys.stderr)
+
+
 def run_pass(job: Iterable[int], total: int, desc: str, quiet: bool = False) -> None:
-    """Run a streaming pass (an iterable of bytes read) under a tqdm bar on stderr, silent when piped."""
-    with tqdm(
-        total=total, unit="B", unit_scale=True, desc=desc, disable=True if quiet else None, file=sys.stderr
-    ) as bar:
+    """Run a streaming pass (an iterable of bytes read) under a progress bar."""
+    with progress_bar(total, desc, quiet) as bar:
         for done in job:
             bar.update(done)
 

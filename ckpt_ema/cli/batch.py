@@ -1,0 +1,125 @@
+"""``ckpt-ema batch``: re-average many old runs, one series per run folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from ..batch import RunTask, execute, prepare, run_tasks
+from ..targets import parse_targets
+from . import main
+from .common import series_options, user_errors
+from .sweep import progress_bar, split_target_lists, warn
+
+
+class _Stopped(Exception):
+    """Raised in the worker threads once the batch is interrupted."""
+
+
+@main.command()
+@series_options
+@click.option(
+    "-o", "--output", "out_root", required=True, type=click.Path(path_type=Path), help="OUT_ROOT: one folder per run."
+)
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, help="Runs computed at once.")
+@click.option("--force", is_flag=True, help="Recompute outputs that already exist.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def batch(out_root: Path, jobs: int, force: bool, quiet: bool, **options: Any) -> None:
+    """Re-average many runs: each RUN_DIR (given as INPUTS) is a series of checkpoints, and its EMAs go to
+    OUT_ROOT/<run name>/<target>.safetensors.
+
+    Target options take comma lists and can be repeated. A run that fails (a corrupt file, no steps, ...)
+    is reported at the end and does not stop the others; the exit code is then 1. Outputs that already
+    exist are skipped unless --force, so an interrupted batch can simply be run again.
+
+    \b
+    Examples:
+      ckpt-ema batch runs/*/ --decay 0.999,0.9999 --sigma-rel 0.05,0.1 -o ema/
+      ckpt-ema batch old/run-a old/run-b --half-life 2000 --init base.safetensors -o ema/ --jobs 2
+    """
+    if options["steps"] is not None:
+        raise click.UsageError("--steps cannot be used with batch: each run has its own steps")
+    split_target_lists(options)
+    parse_targets(**{k: options[k] for k in ("decay", "half_life", "sigma_rel", "gamma")})  # bad targets: stop now
+    tasks = run_tasks(options.pop("inputs"), out_root)
+    plan_options = {k: options[k] for k in ("decay", "half_life", "sigma_rel", "gamma", "at", "init", "interp",
+                                             "per_checkpoint", "dtype", "key", "allow_mixed_runs",
+                                             "tracked_sigma_rel", "tracked_gamma")}  # fmt: skip
+    plan_options["component"] = options["component"] or None
+    for task in tasks:
+        prepare(task, force=force, **plan_options)
+        for warning in task.plan.warnings if task.plan is not None else ():
+            click.echo(f"warning: {task.name}: {warning}", err=True)
+    pending = [t for t in tasks if t.plan is not None]
+    with progress_bar(sum(t.total_bytes for t in pending), "batch", quiet) as bar:
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def advance(done: int) -> None:
+            if stop.is_set():  # Ctrl-C in the main thread: the other runs stop too (their temp files removed)
+                raise _Stopped()
+            with lock:
+                bar.update(done)
+
+        def run(task: RunTask) -> None:
+            execute(task, advance, lambda message: warn(f"{task.name}: {message}"))
+            if task.error:
+                tqdm.write(f"{task.name}: failed: {task.error}", file=sys.stderr)
+
+        if jobs == 1:
+            for task in pending:
+                run(task)
+        else:
+            pool = ThreadPoolExecutor(max_workers=jobs)
+            try:
+                for future in [pool.submit(run, task) for task in pending]:
+                    future.result()
+            except BaseException:
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            pool.shutdown()
+    if options["as_json"]:
+        click.echo(json.dumps([_task_json(t) for t in tasks], indent=2))
+    else:
+        click.echo("\n".join(describe_batch(tasks, out_root)))
+    failed = [t for t in tasks if t.error is not None]
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(tasks)} runs failed: {', '.join(t.name for t in failed)}")
+
+
+def describe_batch(tasks: list[RunTask], out_root: Path) -> list[str]:
+    """The summary table: one row per run (status, outputs written and skipped, seconds, reason)."""
+    rows = [["run", "status", "written", "skipped", "time", "reason"]]
+    for t in tasks:
+        reason = t.error or ("already written (--force to redo)" if t.status == "skipped" else "")
+        rows.append([t.name, t.status, str(len(t.written)), str(len(t.skipped)), f"{t.seconds:.1f}s", reason])
+    widths = [max(len(r[k]) for r in rows) for k in range(5)]
+    lines = ["  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), *(c.rjust(w) for c, w in zip(r[2:5], widths[2:])), r[5]]).rstrip() for r in rows]  # fmt: skip
+    counts = {s: sum(t.status == s for t in tasks) for s in ("done", "skipped", "failed")}
+    lines.append(
+        f"\n{len(tasks)} runs: {counts['done']} done, {counts['skipped']} already complete, {counts['failed']} failed; "
+        f"outputs in {out_root}/<run>/"
+    )
+    return lines
+
+
+def _task_json(t: RunTask) -> dict[str, Any]:
+    return {
+        "run": t.name,
+        "path": str(t.run_dir),
+        "output": str(t.out_dir),
+        "status": t.status,
+        "written": [str(p) for p in t.written],
+        "skipped": [str(p) for p in t.skipped],
+        "error": t.error,
+        "seconds": t.seconds,
+    }
