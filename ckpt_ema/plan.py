@@ -248,6 +248,19 @@ def _checkpoint_json(c: Checkpoint) -> dict[str, object]:
         "ambiguous_step": c.step_info.ambiguous,
         "init": c.is_init,
         **_profile_json(c),
+        **_reader_json(c),
+    }
+
+
+def _reader_json(c: Checkpoint) -> dict[str, object]:
+    """What the reader understood: the format, its choices (``--key``, prefixes) and the files not read."""
+    source = c.source
+    if not hasattr(source, "format"):
+        return {}
+    return {
+        "format": source.format,
+        "notes": list(source.notes),
+        "ignored": [{"path": n.relpath, "reason": n.reason} for n in source.ignored],
     }
 
 

@@ -124,6 +124,12 @@ def test_inspect_says_the_trainer_ema_is_ignored(diffusers_run):
     assert "ignored     optimizer.bin: optimizer state" in out
     assert "step        1000  from name 'checkpoint-1000'" in out
     assert "unet: 2 shards" in out
+    plan = json.loads(run("plan", root, "--decay", BETA, "--json").stdout)
+    ignored = plan["checkpoints"][-1]["ignored"]
+    assert {"path": "unet_ema/", "reason": "the trainer's own EMA of unet/; the raw unet/ is averaged"} in ignored
+    assert (
+        plan["checkpoints"][-1]["format"] == "diffusers-style folder (text_encoder: model.safetensors; unet: 2 shards)"
+    )
 
 
 def _onetrainer_backup(root: Path, step: int, epoch: int, epoch_step: int, lora: dict, meta_step: int | None = None):

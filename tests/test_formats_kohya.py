@@ -110,7 +110,8 @@ def test_sessions_are_not_mixed_unless_allowed(tmp_path):
     assert "ss_session_id 1234567" in err and "ss_session_id 999" in err and "--allow-mixed-runs" in err
     assert not (tmp_path / "a.safetensors").exists()
     _merge(root, tmp_path / "a.safetensors", "--allow-mixed-runs")
-    assert "session     ss_session_id 999" in run("inspect", root).stdout
+    assert "session     ss_session_id 999" in run("inspect", root, expect=1).stdout
+    assert "series: ok" in run("inspect", root, "--allow-mixed-runs").stdout
 
 
 def test_alphas_and_ranks_must_agree(tmp_path):

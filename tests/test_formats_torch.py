@@ -96,7 +96,8 @@ def test_a_file_that_would_run_code_is_refused(tmp_path):
         ["merge", tmp_path / "run", "--decay", 0.9, "-o", tmp_path / "o.safetensors"],
         ["inspect", tmp_path / "run"],
     ):
-        err = run(*command, expect=1).stderr
+        result = run(*command, expect=1)
+        err = result.stdout + result.stderr
         assert "refused: loading it would run code from the file (it needs posix.system)" in err
         assert "convert it once" in err
     assert not marker.exists()
@@ -118,7 +119,7 @@ def test_nested_state_dicts_and_key_choice(tmp_path):
         expected = ema_reference(STEPS, series, BETA)
         merged = load_file(out)
         assert_close(merged["net.encoder.weight"], expected["net.encoder.weight"])
-    assert "no key 'nope'" in run("inspect", tmp_path, "--key", "nope", expect=1).stderr
+    assert "no key 'nope'" in run("inspect", tmp_path, "--key", "nope", expect=1).stdout
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,8 @@ def _size(n: float) -> str:
 
 
 def _text(entry: dict[str, Any]) -> list[str]:
+    if "unreadable" in entry:
+        return [entry["path"], f"  unreadable  {entry['unreadable']}"]
     lines = [entry["path"], f"  format      {entry['format']}"]
     if entry["step"] is None:
         lines.append(f"  step        none: {entry['error']}")
@@ -91,7 +94,8 @@ def _reader_options(command: Any) -> Any:
 @user_errors
 def inspect_command(inputs: tuple[Path, ...], as_json: bool, **options: Any) -> None:
     """List the checkpoints found, each one's step and where it came from, format, dtypes, size,
-    and the files that are ignored and why. Reads headers only.
+    and the files that are ignored and why. Reads headers only. Exits 1 when the inputs do not form a
+    series that merge would accept.
 
     \b
     Examples:
@@ -101,16 +105,25 @@ def inspect_command(inputs: tuple[Path, ...], as_json: bool, **options: Any) -> 
     component = options["component"] or None
     skipped: list[FileNote] = []
     paths = discover_inputs(inputs, skipped)
-    entries = [describe_source(open_checkpoint(p, options["key"], component)) for p in paths]
+    entries = []
+    for path in paths:
+        try:
+            entries.append(describe_source(open_checkpoint(path, options["key"], component)))
+        except CkptEmaError as exc:  # shown in its place; the series is then not checked
+            entries.append({"path": str(path), "step": None, "unreadable": str(exc)})
     entries.sort(key=lambda e: (e["step"] is None, e["step"] if e["step"] is not None else 0, e["path"]))
-    try:
-        series = load_series(
-            inputs, key=options["key"], component=component, allow_mixed_runs=options["allow_mixed_runs"]
-        )
-        verdict = f"ok: {len(series)} checkpoints, steps {series[0].step} to {series[-1].step}, same tensors"
-        ok = True
-    except CkptEmaError as exc:
-        verdict, ok = f"problem: {exc}", False
+    unreadable = sum("unreadable" in e for e in entries)
+    if unreadable:
+        verdict, ok = f"problem: {unreadable} checkpoint(s) cannot be read (see above)", False
+    else:
+        try:
+            series = load_series(
+                inputs, key=options["key"], component=component, allow_mixed_runs=options["allow_mixed_runs"]
+            )
+            verdict = f"ok: {len(series)} checkpoints, steps {series[0].step} to {series[-1].step}, same tensors"
+            ok = True
+        except CkptEmaError as exc:
+            verdict, ok = f"problem: {exc}", False
     if as_json:
         summary = {
             "checkpoints": entries,
@@ -118,9 +131,13 @@ def inspect_command(inputs: tuple[Path, ...], as_json: bool, **options: Any) -> 
             "series": {"ok": ok, "message": verdict},
         }
         click.echo(json.dumps(summary, indent=2))
+        if not ok:
+            sys.exit(1)
         return
     for entry in entries:
         click.echo("\n".join(_text(entry)))
     for note in skipped:
         click.echo(f"skipped {note.relpath}: {note.reason}")
     click.echo(f"series: {verdict}")
+    if not ok:
+        sys.exit(1)
