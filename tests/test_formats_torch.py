@@ -183,3 +183,11 @@ def test_hf_pytorch_model_bin_folders_are_written_as_safetensors(tmp_path):
     }
     assert_close(merged["net.encoder.weight"], expected["net.encoder.weight"])
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
+
+
+def test_legacy_torch_files_are_refused_with_a_way_out(tmp_path):
+    for step in (100, 200):
+        torch.save(_state(step), tmp_path / f"step-{step}.pt", _use_new_zipfile_serialization=False)
+    result = run("merge", tmp_path, "--decay", 0.9, "-o", tmp_path / "out.safetensors", expect=1)
+    assert "legacy (pre-1.6) format, which cannot be memory-mapped; re-save it" in result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
