@@ -4,7 +4,7 @@ Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Model
 and Appendix C.2; SPEC §4. The trainer tracked a few power EMAs (say sigma_rel 0.05 and 0.10) and saved
 all of them every N steps. Each snapshot's profile is known, so the target profile (a power EMA, or a
 classic exponential one) is fitted by a linear combination of the snapshots' profiles
-(:func:`ckpt_ema.reconstruct.solve_reconstruction`); that combination is the coefficient row of an
+(:func:`ckpt_ema.reconstruct.solve_reconstructions`); that combination is the coefficient row of an
 ordinary :class:`~ckpt_ema.plan.Plan`, applied by the one streaming pass like every other method.
 
 Snapshots are found in two layouts:
@@ -32,7 +32,7 @@ from .plan import OutputPlan, Plan, plan_tensors
 from .readers import CheckpointSource, Part, TensorMeta, WeightFile, open_checkpoint
 from .readers.base import dtype_name
 from .readers.torch_pickle import load_pickle
-from .reconstruct import solve_reconstruction, tracked_gammas, truncated_exp_sigma_rel
+from .reconstruct import solve_reconstructions, tracked_gammas, truncated_exp_sigma_rel
 from .series import Checkpoint, check_compatible, discover_inputs, natural_key
 from .steps import StepInfo, step_from_metadata, step_from_name
 from .targets import Target
@@ -183,11 +183,9 @@ def plan_reconstruction(
     snap_steps = [float(c.step) for c in used]
     snap_gammas = [float(c.tracked_gamma) for c in used]  # type: ignore[arg-type]
     outputs = []
-    for target in targets:
-        if target.is_power:
-            fit = solve_reconstruction(snap_steps, snap_gammas, target_step, target_gamma=target.gamma)
-        else:
-            fit = solve_reconstruction(snap_steps, snap_gammas, target_step, target_decay=target.decay)
+    kinds = [("gamma", t.gamma) if t.is_power else ("decay", t.decay) for t in targets]
+    fits = solve_reconstructions(snap_steps, snap_gammas, target_step, kinds)  # one factorisation for all
+    for target, fit in zip(targets, fits):
         params = {
             **target.describe(),
             "condition_number": fit.condition_number,

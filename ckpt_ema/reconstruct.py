@@ -35,6 +35,7 @@ __all__ = [
     "exp_power_inner",
     "power_inner",
     "solve_reconstruction",
+    "solve_reconstructions",
     "tracked_gammas",
     "truncated_exp_sigma_rel",
 ]
@@ -310,6 +311,21 @@ def solve_reconstruction(
     not exactly one of ``target_gamma`` / ``target_decay`` is given, or a gamma is <= -1 (and, since
     the L2 norm of ``tau^gamma`` is infinite there, also for gammas <= -0.5).
     """
+    if (target_gamma is None) == (target_decay is None):
+        raise TargetError("give exactly one target: a power-function gamma or a classic EMA decay")
+    target = ("gamma", target_gamma) if target_gamma is not None else ("decay", target_decay)
+    return solve_reconstructions(snap_steps, snap_gammas, target_step, [target], rcond)[0]  # type: ignore[list-item]
+
+
+def solve_reconstructions(
+    snap_steps: ArrayLike,
+    snap_gammas: ArrayLike,
+    target_step: float,
+    targets: Sequence[tuple[str, float]],
+    rcond: float = 1e-12,
+) -> list[Reconstruction]:
+    """:func:`solve_reconstruction` for several targets at the same step, ``("gamma", g)`` or
+    ``("decay", beta)`` each: A and its eigendecomposition (O(n^3)) are computed once for all of them."""
     steps = _vector("snapshot steps", snap_steps)
     gammas = _vector("snapshot gammas", snap_gammas)
     if steps.shape != gammas.shape:
@@ -322,64 +338,67 @@ def solve_reconstruction(
     if np.any(gammas <= -0.5):
         bad = float(gammas[gammas <= -0.5][0])
         raise TargetError(f"snapshot gamma {bad:g} must be > -0.5 (otherwise its profile has no finite L2 norm)")
-
     t_target = _time("target step", target_step)
-    if (target_gamma is None) == (target_decay is None):
-        raise TargetError("give exactly one target: a power-function gamma or a classic EMA decay")
-
     used = np.flatnonzero(steps <= t_target)
     if used.size == 0:
         raise TargetError(
             f"no EMA snapshot at or before the target step {t_target:g} (earliest is {float(steps.min()):g})"
         )
-    t_used, g_used = steps[used].tolist(), gammas[used].tolist()
-    n = len(t_used)
+    rhs = [_target_inner(steps[used], gammas[used], t_target, kind, value) for kind, value in targets]
 
     a = _gram(steps[used], gammas[used])
-
-    if target_gamma is not None:
-        tg = _gamma("target gamma", target_gamma)
-        if tg <= -0.5:
-            raise TargetError(f"target gamma must be > -0.5 (otherwise the profile has no finite L2 norm), got {tg:g}")
-        b = np.array([_power_inner(t_used[i], g_used[i], t_target, tg) for i in range(n)], dtype=np.float64)
-        target_norm2 = _power_inner(t_target, tg, t_target, tg)
-    else:
-        lam = _rate("target decay", target_decay)
-        b = np.array([_exp_power_inner(t_target, lam, t_used[i], g_used[i]) for i in range(n)], dtype=np.float64)
-        target_norm2 = _exp_exp_inner(t_target, lam, t_target, lam)
-
     # A is symmetric, so its singular values are |eigenvalues|: one eigh gives cond(A) and, when A is
     # ill-conditioned, the least-squares solution with cutoff (what lstsq(A, b, rcond) computes by SVD).
     eigenvalues, eigenvectors = np.linalg.eigh(a)
     size = np.abs(eigenvalues)
     cond = float(size.max() / size.min()) if size.min() > 0.0 else math.inf
-    x: np.ndarray | None = None
-    if cond < _PLAIN_SOLVE_MAX_COND:
-        try:
-            x = np.linalg.solve(a, b)
-        except np.linalg.LinAlgError:
-            x = None
-    if x is None:
-        keep = size > rcond * size.max()
-        x = eigenvectors[:, keep] @ ((eigenvectors[:, keep].T @ b) / eigenvalues[keep])
+    keep = size > rcond * size.max()
+    results = []
+    for b, target_norm2 in rhs:
+        x: np.ndarray | None = None
+        if cond < _PLAIN_SOLVE_MAX_COND:
+            try:
+                x = np.linalg.solve(a, b)
+            except np.linalg.LinAlgError:
+                x = None
+        if x is None:
+            x = eigenvectors[:, keep] @ ((eigenvectors[:, keep].T @ b) / eigenvalues[keep])
 
-    total = float(x.sum())
-    if not np.all(np.isfinite(x)) or not math.isfinite(total) or abs(total) < 1e-8:
-        raise TargetError("the EMA snapshots cannot represent this target (coefficients do not sum to a usable value)")
-    x = x / total
+        total = float(x.sum())
+        if not np.all(np.isfinite(x)) or not math.isfinite(total) or abs(total) < 1e-8:
+            raise TargetError(
+                "the EMA snapshots cannot represent this target (coefficients do not sum to a usable value)"
+            )
+        x = x / total
+        err2 = float(x @ a @ x - 2.0 * (x @ b) + target_norm2)
 
-    err2 = float(x @ a @ x - 2.0 * (x @ b) + target_norm2)
-    fit_error = math.sqrt(max(err2, 0.0) / target_norm2)
+        coefficients = np.zeros(steps.size, dtype=np.float64)
+        coefficients[used] = x
+        coefficients.setflags(write=False)
+        results.append(
+            Reconstruction(
+                coefficients=coefficients,
+                condition_number=cond,
+                abs_sum=float(np.abs(x).sum()),
+                fit_error=math.sqrt(max(err2, 0.0) / target_norm2),
+            )
+        )
+    return results
 
-    coefficients = np.zeros(steps.size, dtype=np.float64)
-    coefficients[used] = x
-    coefficients.setflags(write=False)
-    return Reconstruction(
-        coefficients=coefficients,
-        condition_number=cond,
-        abs_sum=float(np.abs(x).sum()),
-        fit_error=fit_error,
-    )
+
+def _target_inner(t: np.ndarray, g: np.ndarray, t_target: float, kind: str, value: object) -> tuple[np.ndarray, float]:
+    """b_i = <p_i, target> for the snapshots (t, g), and <target, target>."""
+    if kind == "gamma":
+        tg = _gamma("target gamma", value)
+        if tg <= -0.5:
+            raise TargetError(f"target gamma must be > -0.5 (otherwise the profile has no finite L2 norm), got {tg:g}")
+        b = [_power_inner(ti, gi, t_target, tg) for ti, gi in zip(t.tolist(), g.tolist())]
+        return np.array(b, dtype=np.float64), _power_inner(t_target, tg, t_target, tg)
+    if kind == "decay":
+        lam = _rate("target decay", value)
+        b = [_exp_power_inner(t_target, lam, ti, gi) for ti, gi in zip(t.tolist(), g.tolist())]
+        return np.array(b, dtype=np.float64), _exp_exp_inner(t_target, lam, t_target, lam)
+    raise TargetError(f"unknown target kind {kind!r}: 'gamma' or 'decay'")
 
 
 def _gram(t: np.ndarray, g: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from ckpt_ema.reconstruct import (
     exp_power_inner,
     power_inner,
     solve_reconstruction,
+    solve_reconstructions,
     tracked_gammas,
     truncated_exp_sigma_rel,
 )
@@ -401,3 +402,15 @@ def test_invalid_inputs_raise_target_error(kwargs):
     with pytest.raises(TargetError) as info:
         solve_reconstruction(**kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_several_targets_share_one_factorisation():
+    steps, gammas = DOC_STEPS, DOC_GAMMAS
+    both = solve_reconstructions(steps, gammas, 2000.0, [("gamma", 11.0), ("decay", 0.999)])
+    one = [solve_reconstruction(steps, gammas, 2000.0, target_gamma=11.0),
+           solve_reconstruction(steps, gammas, 2000.0, target_decay=0.999)]  # fmt: skip
+    for a, b in zip(both, one):
+        np.testing.assert_array_equal(a.coefficients, b.coefficients)
+        assert (a.fit_error, a.abs_sum, a.condition_number) == (b.fit_error, b.abs_sum, b.condition_number)
+    with pytest.raises(TargetError, match="unknown target kind"):
+        solve_reconstructions(steps, gammas, 2000.0, [("half_life", 5.0)])
