@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -182,7 +183,9 @@ def test_output_dir_with_the_final_model_beside_the_checkpoints(trainer_run, tmp
     for name, beta in (("decay-0.9", 0.9), ("decay-0.99", BETA)):
         loaded = transformers.GPT2LMHeadModel.from_pretrained(out / name)
         expected = ema_reference(STEPS, states, beta)
-        assert_close(loaded.state_dict()["transformer.h.1.mlp.c_fc.weight"], expected["transformer.h.1.mlp.c_fc.weight"])
+        assert_close(
+            loaded.state_dict()["transformer.h.1.mlp.c_fc.weight"], expected["transformer.h.1.mlp.c_fc.weight"]
+        )
 
 
 def test_base_model_folder_as_init(trainer_run, tmp_path):
@@ -196,3 +199,33 @@ def test_base_model_folder_as_init(trainer_run, tmp_path):
     expected = ema_reference([0, *STEPS], [init_state, *states], BETA)
     loaded = transformers.GPT2LMHeadModel.from_pretrained(out)
     assert_close(loaded.state_dict()["transformer.wpe.weight"], expected["transformer.wpe.weight"])
+
+
+def test_shard_mappings_are_released_during_the_pass(trainer_run):
+    """A shard's mapping is released soon after the pass moves on (Linux: /proc/self/maps): at most the
+    current and the previous shard of each checkpoint are mapped, however many shards there are."""
+    root, _ = trainer_run
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps")
+    from ckpt_ema.api import plan_merge
+    from ckpt_ema.engine import MemorySink, MergePass
+
+    def mapped() -> set[str]:
+        return {line.split()[-1] for line in maps.read_text().splitlines() if str(root) in line}
+
+    gc.collect()
+    before = mapped()  # what earlier tests' objects may still hold is not this pass's
+    plan = plan_merge([root], decay=[BETA])
+    most = 0
+
+    class Watching(MemorySink):
+        def write(self, name, data):
+            nonlocal most
+            most = max(most, len(mapped() - before))
+            super().write(name, data)
+
+    for _ in MergePass(plan, [Watching(plan.tensors)], chunk_elements=256):
+        pass
+    shards = len(list((root / "checkpoint-300").glob("model-*.safetensors")))
+    assert shards > 2 and 0 < most <= 2 * len(STEPS)
