@@ -54,7 +54,7 @@ def _size(n: float) -> str:
     return ""
 
 
-def _text(entry: dict[str, Any]) -> list[str]:
+def _text(entry: dict[str, Any], previous: dict[str, Any] | None = None) -> list[str]:
     if "unreadable" in entry:
         return [entry["path"], f"  unreadable  {entry['unreadable']}"]
     lines = [entry["path"], f"  format      {entry['format']}"]
@@ -74,6 +74,11 @@ def _text(entry: dict[str, Any]) -> list[str]:
         lines.append(f"  session     ss_session_id {entry['session']}")
     for note in entry["notes"]:
         lines.append(f"  note        {note}")
+    same = previous is not None and all(previous.get(k) == entry[k] for k in ("ignored", "copied"))
+    if same and (entry["ignored"] or entry["copied"]):
+        counts = f"{len(entry['ignored'])} ignored, {len(entry['copied'])} copied"
+        lines.append(f"  files       as above ({counts})")
+        return lines
     for item in entry["ignored"]:
         lines.append(f"  ignored     {item['path']}: {item['reason']}")
     if entry["copied"]:
@@ -134,8 +139,8 @@ def inspect_command(inputs: tuple[Path, ...], as_json: bool, **options: Any) -> 
         if not ok:
             sys.exit(1)
         return
-    for entry in entries:
-        click.echo("\n".join(_text(entry)))
+    for previous, entry in zip([None, *entries], entries):
+        click.echo("\n".join(_text(entry, previous)))
     for note in skipped:
         click.echo(f"skipped {note.relpath}: {note.reason}")
     click.echo(f"series: {verdict}")
