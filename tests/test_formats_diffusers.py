@@ -184,3 +184,37 @@ def test_onetrainer_meta_disagreeing_with_the_name(tmp_path):
     _onetrainer_backup(backups, 400, 1, 150, _lora(2), meta_step=450)
     err = run("plan", backups, "--decay", 0.9, expect=1).stderr
     assert "OneTrainer meta.json 'global_step' says step 450" in err and "OneTrainer name" in err
+
+
+def test_onetrainer_fine_tune_backups_with_variants(tmp_path):
+    """A fine-tune backup: the diffusers pipeline at the top of the backup folder, meta.json beside it;
+    an fp16 variant saved next to a component's weights is not averaged a second time."""
+    backups = tmp_path / "backup"
+    steps = [100, 200, 300]
+    states = []
+    for step in steps:
+        folder = backups / f"2024-05-01_10-00-{step // 10:02d}-backup-{step}-0-{step}"
+        unet, vae = _weights(step, 1, UNET), _weights(step, 4, ("decoder.conv_out.weight",))
+        _component(folder / "unet", unet)
+        _component(folder / "vae", vae)
+        save_file({k: v.half() for k, v in vae.items()}, folder / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+        (folder / "model_index.json").write_text("{}")
+        (folder / "tokenizer").mkdir()
+        (folder / "tokenizer" / "vocab.json").write_text("{}")
+        progress = {"epoch": 0, "epoch_step": step, "epoch_sample": 0, "global_step": step}
+        (folder / "meta.json").write_text(json.dumps({"train_progress": progress}))
+        states.append({**{f"unet/{k}": v for k, v in unet.items()}, **{f"vae/{k}": v for k, v in vae.items()}})
+    text = run("inspect", backups).stdout
+    assert (
+        "OneTrainer backup (unet: diffusion_pytorch_model.safetensors; vae: diffusion_pytorch_model.safetensors)"
+        in text
+    )
+    assert "vae/diffusion_pytorch_model.fp16.safetensors: another copy or variant of the model" in text
+    out = tmp_path / "ema"
+    run("merge", backups, "--decay", BETA, "--dtype", "fp32", "-o", out, "-q")
+    assert sorted(p.name for p in out.iterdir()) == ["model_index.json", "tokenizer", "unet", "vae"]
+    assert sorted(p.name for p in (out / "vae").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    expected = ema_reference(steps, states, BETA)
+    for component in ("unet", "vae"):
+        for name, tensor in load_file(out / component / "diffusion_pytorch_model.safetensors").items():
+            assert_close(tensor, expected[f"{component}/{name}"])
