@@ -202,7 +202,12 @@ class FolderWriter:
             if self.path.exists():
                 old = self.path.parent / f".{self.path.name}.ckpt-ema-old-{os.getpid()}"
                 os.replace(self.path, old)
-            os.replace(self.temp, self.path)
+            try:
+                os.replace(self.temp, self.path)
+            except OSError:
+                if old is not None:
+                    os.replace(old, self.path)  # put the previous output back
+                raise
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
