@@ -17,12 +17,20 @@ import torch
 
 from . import layouts
 from .engine import DEFAULT_CHUNK_ELEMENTS, MemorySink, MergePass
-from .errors import OutputError
+from .errors import OutputError, StrictError
+from .integrity import HASH_WIDTH, InputHasher, diverged_checkpoints, sha256_key
 from .plan import Plan, plan_ema
 from .posthoc import plan_posthoc
 from .series import load_series
 from .targets import parse_targets
-from .writer import SafetensorsWriter, remove_stale_temps
+from .writer import (
+    SafetensorsWriter,
+    WriteOptions,
+    check_free_space,
+    output_size,
+    remove_stale_temps,
+    write_options,
+)
 
 SUFFIX = ".safetensors"
 Numbers = Sequence[float | str]
@@ -109,7 +117,10 @@ def output_paths(plan: Plan, output: str | os.PathLike, force: bool = False, fmt
 class MergeJob:
     """One pass writing every output of a plan to its file; iterate to run it, then ``commit()``.
 
-    Used as a context manager, any error (or interruption) removes all temporary files.
+    Used as a context manager, any error (or interruption) removes all temporary files. Before writing,
+    the outputs must fit in the free space. The inputs' SHA-256 are computed while the pass streams and
+    recorded as ``ckpt_ema.input.N.sha256``. ``verify``: each file is read back and checked before it
+    replaces anything. ``strict``: every warning is an error (``StrictError``) and nothing is written.
     """
 
     def __init__(
@@ -119,8 +130,17 @@ class MergeJob:
         chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
         on_warning: Callable[[str], None] | None = None,
         fmt: str | None = None,
+        verify: bool = False,
+        strict: bool = False,
     ) -> None:
         self.paths = list(paths)
+        self.plan = plan
+        self.strict = strict
+        self._on_warning = on_warning or (lambda message: None)
+        self._hashes: dict[int, str] = {}
+        self.hasher: InputHasher | None = None
+        for warning in plan.warnings if strict else ():
+            self._warn(warning)
         self.writers: list[SafetensorsWriter | layouts.FolderWriter] = []
         for folder in {p.parent for p in self.paths}:
             try:
@@ -129,12 +149,18 @@ class MergeJob:
                 raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
             remove_stale_temps(folder)
         try:
-            for output, path in zip(plan.outputs, self.paths):
-                self.writers.append(layouts.open_output(plan, output, path, output_metadata(plan, output), fmt))
+            self.hasher = InputHasher(plan)
+            late = {sha256_key(i): HASH_WIDTH for i in self.hasher.hashed}
+            options = WriteOptions(verify=verify, late_metadata=late, late_values=self._input_hashes)
+            with write_options(options):
+                metadata = [output_metadata(plan, output) for output in plan.outputs]
+                check_free_space([(p, output_size(plan.tensors, m)) for p, m in zip(self.paths, metadata)])
+                for output, path, meta in zip(plan.outputs, self.paths, metadata):
+                    self.writers.append(layouts.open_output(plan, output, path, meta, fmt))
         except BaseException:
             self.abort()
             raise
-        self.merge_pass = MergePass(plan, self.writers, chunk_elements, on_warning)
+        self.merge_pass = MergePass(self.hasher.paced_plan(), self.writers, chunk_elements, self._warn)
         self.total_bytes = self.merge_pass.total_bytes
 
     def __len__(self) -> int:
@@ -144,13 +170,31 @@ class MergeJob:
         return iter(self.merge_pass)
 
     def commit(self) -> list[Path]:
-        for writer in self.writers:
-            writer.commit()
+        """Wait for the inputs' hashes, check for diverged checkpoints, then finish and rename each output."""
+        try:
+            hasher = self.hasher  # set whenever __init__ returned
+            self._hashes = hasher.finish()  # type: ignore[union-attr]
+            diverged_checkpoints(self.plan, hasher.norms, self._warn)  # type: ignore[union-attr]
+            for writer in self.writers:
+                writer.commit()
+        except BaseException:
+            self.abort()
+            raise
         return self.paths
 
     def abort(self) -> None:
+        if self.hasher is not None:
+            self.hasher.cancel()
         for writer in self.writers:
             writer.abort()
+
+    def _warn(self, message: str) -> None:
+        if self.strict:
+            raise StrictError(f"{message} (--strict: no output written)")
+        self._on_warning(message)
+
+    def _input_hashes(self) -> dict[str, str]:
+        return {sha256_key(i): digest for i, digest in self._hashes.items()}
 
     def __enter__(self) -> MergeJob:
         return self
@@ -173,17 +217,20 @@ def merge(
     force: bool = False,
     on_warning: Callable[[str], None] | None = None,
     fmt: str | None = None,
+    verify: bool = False,
+    strict: bool = False,
     **options: object,
 ) -> list[Path]:
     """Compute the EMA targets of a series and write them; returns the output paths.
 
     ``options`` are those of :func:`plan_merge`. One target writes ``output``; several write
     ``output/NAME.safetensors`` (e.g. ``decay-0.999.safetensors``). Folder checkpoints give folders
-    mirroring the newest one (``fmt="safetensors"`` for a single file).
+    mirroring the newest one (``fmt="safetensors"`` for a single file). ``verify`` and ``strict``: see
+    :class:`MergeJob`.
     """
     plan = plan_merge(inputs, **options)  # type: ignore[arg-type]
     paths = output_paths(plan, output, force=force, fmt=fmt)
-    with MergeJob(plan, paths, on_warning=on_warning, fmt=fmt) as job:
+    with MergeJob(plan, paths, on_warning=on_warning, fmt=fmt, verify=verify, strict=strict) as job:
         for _ in job:
             pass
         return job.commit()

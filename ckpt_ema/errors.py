@@ -25,3 +25,7 @@ class TargetError(CkptEmaError):
 
 class OutputError(CkptEmaError):
     """The output cannot be written where it was asked for."""
+
+
+class StrictError(CkptEmaError):
+    """A warning (NaN/Inf, a diverged checkpoint, a doubtful step or decay), made an error by --strict."""

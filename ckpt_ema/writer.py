@@ -1,24 +1,70 @@
 """Writing safetensors outputs: header first (all shapes are known from the plan), data streamed, atomic.
 
-The file is written to a temporary name in the destination folder (``.NAME.ckpt-ema-tmp-PID``) and renamed
-over the destination only once complete and flushed; on any error the temporary file is removed.
+The file is written to a temporary name in the destination folder (``.NAME.ckpt-ema-tmp-PID``), locked
+while it is being written, and renamed over the destination only once complete, flushed and (with
+``--verify``) read back and checked; on any error the temporary file is removed. A run that is killed
+leaves its temporary file behind; the next run in that folder removes it (its lock is gone).
+
+Some metadata is only known at the end (the inputs' SHA-256, computed while streaming): the header
+reserves a fixed-width value of spaces for it, rewritten in place before the rename.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import errno
+import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+import stat
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import OutputError
 from .plan import TensorPlan
-from .safetensors_format import DTYPES
+from .safetensors_format import DTYPES, read_header
+
+try:
+    import fcntl
+except ImportError:  # Windows: stale temporary files are recognised by their process id alone
+    fcntl = None  # type: ignore[assignment]
 
 TEMP_MARKER = ".ckpt-ema-tmp-"
+STALE_SECONDS = 600  # an unlocked temporary file this old is stale even if its process id was reused
+VERIFY_CHUNK = 8 << 20
+DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How the writers created inside :func:`write_options` behave (one job's settings).
+
+    ``late_metadata``: metadata keys whose values are only known at commit (key -> width in characters),
+    filled from ``late_values()``. ``verify``: read each file back before renaming it into place.
+    """
+
+    verify: bool = False
+    late_metadata: Mapping[str, int] = field(default_factory=dict)
+    late_values: Callable[[], Mapping[str, str]] | None = None
+
+
+_OPTIONS: contextvars.ContextVar[WriteOptions] = contextvars.ContextVar("ckpt_ema_write_options")
+
+
+@contextlib.contextmanager
+def write_options(options: WriteOptions) -> Iterator[None]:
+    """Writers created in this block use ``options`` (so that writers nested in folder layouts get them)."""
+    token = _OPTIONS.set(options)
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
 
 
 def temp_path_for(path: Path) -> Path:
@@ -27,17 +73,43 @@ def temp_path_for(path: Path) -> Path:
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:
-    """Delete temporary files left in ``folder`` by runs that died (their process no longer exists)."""
+    """Delete temporary files left in ``folder`` by runs that died.
+
+    A file is stale when nobody holds its lock (a writer holds it until it finishes; the kernel drops it
+    when the process dies, even on ``kill -9``) and its process is gone or it is old (reused process id).
+    Symbolic links and anything but regular files are left alone.
+    """
     removed = []
     for candidate in folder.glob(f".*{TEMP_MARKER}*"):
         pid_text = candidate.name.rsplit(TEMP_MARKER, 1)[-1]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
-            try:
-                candidate.unlink()
+        if not pid_text.isdigit():
+            continue
+        try:
+            info = os.lstat(candidate)
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            stale = not _process_alive(int(pid_text)) or time.time() - info.st_mtime > STALE_SECONDS
+            if stale and _unlink_if_unlocked(candidate):
                 removed.append(candidate)
-            except OSError:
-                pass
+        except OSError:
+            pass
     return removed
+
+
+def _unlink_if_unlocked(path: Path) -> bool:
+    if fcntl is None:
+        path.unlink()
+        return True
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # a live writer holds it
+        path.unlink()
+        return True
+    finally:
+        os.close(fd)
 
 
 def _process_alive(pid: int) -> bool:
@@ -48,6 +120,33 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes an unprivileged user may still write in ``folder``'s file system."""
+    status = os.statvfs(folder)
+    return status.f_bavail * status.f_frsize
+
+
+def check_free_space(outputs: Sequence[tuple[Path, int]]) -> None:
+    """Refuse before writing anything when the outputs (path, size in bytes) cannot fit on their disks."""
+    needed: dict[int, tuple[Path, int]] = {}
+    for path, size in outputs:
+        device = os.stat(path.parent).st_dev
+        folder, total = needed.get(device, (path.parent, 0))
+        needed[device] = (folder, total + size)
+    for folder, total in needed.values():
+        available = free_bytes(folder)
+        if total > available:
+            raise OutputError(
+                f"{folder}: not enough free space: the output needs {total} bytes, {available} are available"
+            )
+
+
+def output_size(tensors: Sequence[TensorPlan], metadata: Mapping[str, str]) -> int:
+    """Size in bytes of the file a writer with these tensors and metadata writes."""
+    header, sizes = build_header(tensors, {**metadata, **_placeholders(_current_options())})
+    return len(header) + sum(sizes)
 
 
 def build_header(tensors: Sequence[TensorPlan], metadata: Mapping[str, str]) -> tuple[bytes, list[int]]:
@@ -69,35 +168,69 @@ def build_header(tensors: Sequence[TensorPlan], metadata: Mapping[str, str]) -> 
     return len(text).to_bytes(8, "little") + text, sizes
 
 
+def _current_options() -> WriteOptions:
+    return _OPTIONS.get(WriteOptions())
+
+
+def _placeholders(options: WriteOptions) -> dict[str, str]:
+    return {key: " " * width for key, width in options.late_metadata.items()}
+
+
+def _slot(header: bytes, key: str, width: int) -> int:
+    """Byte offset of the reserved value of metadata ``key`` in the header (found exactly once)."""
+    # Inside a JSON string every '"' is escaped, so '"key":"' can only be this key and its value.
+    needle = (json.dumps(key) + ':"').encode() + b" " * width + b'"'
+    offset = header.find(needle)
+    if offset < 0 or header.find(needle, offset + 1) >= 0:
+        raise RuntimeError(f"metadata slot {key!r} not found once in the header")
+    return offset + len(needle) - width - 1
+
+
 class SafetensorsWriter:
     """Streams one safetensors file; tensors must be written in the order given, each exactly once."""
 
     def __init__(self, path: str | os.PathLike, tensors: Sequence[TensorPlan], metadata: Mapping[str, str]) -> None:
         self.path = Path(path)
         self.temp_path = temp_path_for(self.path)
-        header, self._sizes = build_header(tensors, metadata)
+        self._options = _current_options()
+        self._metadata = {**metadata, **_placeholders(self._options)}
+        header, self._sizes = build_header(tensors, self._metadata)
+        self._slots = {k: _slot(header, k, w) for k, w in self._options.late_metadata.items()}
+        self._tensors = list(tensors)
         self._names = [t.name for t in tensors]
         self._index = 0
         self._written = 0
         self._skip_empty()
         self.total_bytes = len(header) + sum(self._sizes)
+        self._header_bytes = len(header)
+        self._digest = hashlib.sha256() if self._options.verify else None
+        self._file = None
         try:
-            fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # O_EXCL | O_NOFOLLOW: never write through a link or into a file someone else placed there.
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(self.temp_path, flags, 0o644)
             self._file = os.fdopen(fd, "wb", buffering=0)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._file.write(header)
+        except FileExistsError:
+            raise OutputError(f"{self.temp_path}: already exists (another run writing {self.path}?)") from None
         except OSError as exc:
             self.abort()
-            raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+            raise self._os_error("cannot write", exc) from None
 
     def write(self, name: str, data: torch.Tensor) -> None:
         """Append (part of) tensor ``name``; ``data`` is contiguous in the output dtype."""
         if self._index >= len(self._names) or name != self._names[self._index]:
             raise RuntimeError(f"tensor {name!r} written out of order")
-        view = data.reshape(-1).view(torch.uint8).numpy()
+        view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
         try:
-            self._file.write(memoryview(view))
+            self._file.write(view)  # type: ignore[union-attr]
         except OSError as exc:
-            raise OutputError(f"{self.path}: write failed ({exc.strerror or exc})") from None
+            self.abort()
+            raise self._os_error("write failed", exc) from None
+        if self._digest is not None:
+            self._digest.update(view)
         self._written += view.nbytes
         if self._written > self._sizes[self._index]:
             raise RuntimeError(f"tensor {name!r}: more bytes written than its shape holds")
@@ -111,23 +244,110 @@ class SafetensorsWriter:
             self._index += 1  # empty tensors have no bytes to write
 
     def commit(self) -> None:
-        """Flush, fsync and rename the finished file over the destination."""
+        """Fill the late metadata, flush, fsync, verify if asked, and rename the file over the destination."""
         if self._index != len(self._names):
             raise RuntimeError(f"{self.path}: {len(self._names) - self._index} tensors were not written")
         try:
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self.temp_path, self.path)
-        except OSError as exc:
+            try:
+                self._fill_late_metadata()
+                os.fsync(self._file.fileno())  # type: ignore[union-attr]
+                if self._digest is not None:
+                    self._verify()
+                self._file.close()  # type: ignore[union-attr]  (releases the lock: the file is complete)
+                os.replace(self.temp_path, self.path)
+            except OSError as exc:
+                raise self._os_error("cannot finish writing", exc) from None
+        except BaseException:
             self.abort()
-            raise OutputError(f"{self.path}: cannot finish writing ({exc.strerror or exc})") from None
+            raise
+        _fsync_folder(self.path.parent)
 
     def abort(self) -> None:
         """Close and remove the temporary file (safe to call more than once)."""
-        file = getattr(self, "_file", None)
-        if file is not None and not file.closed:
-            file.close()
-        try:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.temp_path)
-        except FileNotFoundError:
-            pass
+
+    def _fill_late_metadata(self) -> None:
+        if not self._slots:
+            return
+        values = self._options.late_values() if self._options.late_values else {}
+        for key, offset in self._slots.items():
+            value = values.get(key)
+            width = self._options.late_metadata[key]
+            if value is None or len(value) != width or json.dumps(value) != f'"{value}"':
+                raise RuntimeError(f"late metadata {key!r}: {value!r} is not {width} plain characters")
+            os.pwrite(self._file.fileno(), value.encode("ascii"), offset)  # type: ignore[union-attr]
+            self._metadata[key] = value
+
+    def _verify(self) -> None:
+        """Read the finished temporary file back and check it against what was written."""
+        fd = self._file.fileno()  # type: ignore[union-attr]
+        if hasattr(os, "posix_fadvise"):  # fsync'd pages are clean: drop them so the read comes from disk
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        header = read_header(self.temp_path)
+        expected = {t.name: (t.out_dtype, tuple(t.shape)) for t in self._tensors}
+        found = {name: (info.dtype, info.shape) for name, info in header.tensors.items()}
+        if found != expected:
+            wrong = sorted(set(found.items()) ^ set(expected.items()))[:3]
+            raise OutputError(f"{self.path}: --verify: the tensors read back differ from the plan ({wrong})")
+        if header.metadata != self._metadata:
+            raise OutputError(f"{self.path}: --verify: the metadata read back differs from what was written")
+        digest = hashlib.sha256()
+        buffer = bytearray(VERIFY_CHUNK)
+        with open(self.temp_path, "rb") as f:
+            for _, name, info in sorted((info.begin, name, info) for name, info in header.tensors.items()):
+                f.seek(info.begin)
+                for start in range(info.begin, info.end, VERIFY_CHUNK):
+                    size = f.readinto(memoryview(buffer)[: min(VERIFY_CHUNK, info.end - start)])
+                    digest.update(memoryview(buffer)[:size])
+                    if info.is_float and not _all_finite(buffer, size, info.dtype):
+                        raise OutputError(f"{self.path}: --verify: tensor {name!r} has NaN or Inf values")
+        if digest.digest() != self._digest.digest():  # type: ignore[union-attr]
+            raise OutputError(f"{self.path}: --verify: the data read back differs from the data written")
+
+    def _os_error(self, what: str, exc: OSError) -> OutputError:
+        """A one-line error; a full disk says how much space was needed and how much is left."""
+        if exc.errno in DISK_FULL:
+            available = _free_or_unknown(self.path.parent)
+            return OutputError(
+                f"{self.path}: disk full ({exc.strerror}): the output needs {self.total_bytes} bytes, "
+                f"{available} are available; temporary file removed"
+            )
+        if exc.errno == errno.EFBIG:
+            return OutputError(
+                f"{self.path}: file too large for this file system ({self.total_bytes} bytes); temporary file removed"
+            )
+        return OutputError(f"{self.path}: {what} ({exc.strerror or exc})")
+
+
+def _all_finite(buffer: bytearray, size: int, dtype: str) -> bool:
+    torch_dtype, itemsize, _ = DTYPES[dtype]
+    values = torch.frombuffer(buffer, dtype=torch_dtype, count=size // itemsize) if size else None
+    if values is None:
+        return True
+    if values.element_size() == 1:  # float8: isfinite is not implemented for every 8-bit format
+        values = values.to(torch.float16)
+    return bool(torch.isfinite(values).all())
+
+
+def _free_or_unknown(folder: Path) -> str:
+    try:
+        return str(free_bytes(folder))
+    except OSError:
+        return "an unknown number of bytes"
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable (POSIX); best effort where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

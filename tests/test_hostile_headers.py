@@ -26,7 +26,7 @@ from ckpt_ema.cli import main
 from ckpt_ema.errors import InputError
 from ckpt_ema.safetensors_format import DTYPES, MAX_HEADER_BYTES, MAX_TENSORS, SafetensorsHeader, read_header
 
-FUZZ = settings(max_examples=700, deadline=500, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=600, deadline=500, suppress_health_check=[HealthCheck.too_slow])
 
 
 def raw_file(path: Path, header: object | bytes, data: bytes = b"", header_len: int | None = None) -> Path:

@@ -34,8 +34,14 @@ from .common import plan_from, series_options, user_errors
     help="Output as one .safetensors file or as a folder like the inputs (default: like the inputs).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Read each output back and check it (tensors, metadata, data, no NaN/Inf) before it replaces anything.",
+)
+@click.option("--strict", is_flag=True, help="Treat every warning (NaN/Inf, diverged checkpoint, ...) as an error.")
 @user_errors
-def merge(output: Path, force: bool, quiet: bool, fmt: str | None, **options: Any) -> None:
+def merge(output: Path, force: bool, quiet: bool, fmt: str | None, verify: bool, strict: bool, **options: Any) -> None:
     """Write the EMA of a checkpoint series for each target, in one pass over the files.
 
     \b
@@ -46,13 +52,13 @@ def merge(output: Path, force: bool, quiet: bool, fmt: str | None, **options: An
     """
     plan = plan_from(options)
     paths = output_paths(plan, output, force=force, fmt=fmt)
-    for warning in plan.warnings:
+    for warning in () if strict else plan.warnings:  # with --strict, MergeJob refuses them
         click.echo(f"warning: {warning}", err=True)
 
     def warn(message: str) -> None:
         tqdm.write(f"warning: {message}", file=sys.stderr)
 
-    with MergeJob(plan, paths, on_warning=warn, fmt=fmt) as job:
+    with MergeJob(plan, paths, on_warning=warn, fmt=fmt, verify=verify, strict=strict) as job:
         with tqdm(
             total=job.total_bytes,
             unit="B",

@@ -1,0 +1,481 @@
+"""Faults: kill -9 at random moments, Ctrl-C and SIGTERM, full disks, read-only inputs, --verify, --strict.
+
+Expected values come from the files themselves (hashlib over the bytes, a previous good output, values
+written by the test), never from the code under test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ckpt_ema import writer
+from ckpt_ema.cli import main
+from ckpt_ema.writer import TEMP_MARKER, SafetensorsWriter, WriteOptions, remove_stale_temps, write_options
+
+STEPS = [100, 200, 300, 400, 500]
+TARGET = ["--half-life", "100"]  # no plan warning for this series (first share 6%, half-life = spacing)
+
+
+def make_series(folder: Path, tensors: int = 8, size: int = 64, scale=None, steps=STEPS) -> list[Path]:
+    """Checkpoints whose tensors hold random values (seeded), times ``scale[step]`` if given."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    paths = []
+    for step in steps:
+        factor = (scale or {}).get(step, 1.0)
+        state = {f"block.{i}.weight": torch.randn(size, generator=generator) * factor for i in range(tensors)}
+        state["counter"] = torch.tensor([step], dtype=torch.int64)
+        path = folder / f"step-{step:06d}.safetensors"
+        save_file(state, str(path))
+        paths.append(path)
+    return paths
+
+
+def temps(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if TEMP_MARKER in p.name)
+
+
+def run(*args) -> CliRunner.Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_error_line(result: CliRunner.Result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kill -9 at random moments: the output is absent or a complete, valid file; stale temporaries are cleaned
+
+FORK_SERVER = """
+import json, os, sys
+from ckpt_ema.cli import main
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        try:
+            main(json.loads(line), prog_name="ckpt-ema")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        os._exit(code)
+    print(pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(status, flush=True)
+"""
+
+
+class ForkServer:
+    """A Python process that has imported ckpt-ema once and forks a fresh ``ckpt-ema`` process per run.
+
+    Each run is a real separate process (killed with SIGKILL by the test); forking saves the second of
+    importing torch that every fresh interpreter would spend.
+    """
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def start(self, args: list[str]) -> int:
+        self.process.stdin.write(json.dumps([str(a) for a in args]) + "\n")
+        self.process.stdin.flush()
+        return int(self.process.stdout.readline())
+
+    def wait(self) -> int:
+        return int(self.process.stdout.readline())
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+def wait_for(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def test_kill_9_at_random_moments_never_leaves_a_partial_output(tmp_path):
+    inputs = make_series(tmp_path / "run", tensors=300, size=1024)  # 5 x 1.2 MB, 300 tensors each
+    out_folder = tmp_path / "out"
+    out_folder.mkdir()
+    good = out_folder / "good.safetensors"
+    server = ForkServer()
+    try:
+        pid = server.start(["merge", *inputs, *TARGET, "-o", good])
+        assert wait_for(good.with_name(f".{good.name}{TEMP_MARKER}{pid}").exists, 30)
+        started = time.monotonic()  # how long the temporary file lives: the window to hit
+        assert wait_for(good.exists, 30)
+        duration = max(time.monotonic() - started, 0.02)
+        assert os.WEXITSTATUS(server.wait()) == 0
+        reference = load_file(good)
+        random_ = random.Random(7)
+        killed_while_writing = 0
+        for iteration in range(15):
+            # Even runs replace an existing good output (--force), odd runs write a new name.
+            target = good if iteration % 2 == 0 else out_folder / f"new-{iteration}.safetensors"
+            pid = server.start(["merge", *inputs, *TARGET, "-o", target, "--force"])
+            temp = target.with_name(f".{target.name}{TEMP_MARKER}{pid}")
+            wait_for(temp.exists, 10)
+            time.sleep(random_.uniform(0, 1.5 * duration))
+            writing = temp.exists()
+            with contextlib.suppress(ProcessLookupError):  # it may have finished already
+                os.kill(pid, signal.SIGKILL)
+            status = server.wait()
+            killed_while_writing += writing and os.WIFSIGNALED(status)
+            for path in out_folder.glob("*.safetensors"):  # absent, or complete and equal to a good run
+                result = load_file(path)
+                assert result.keys() == reference.keys()
+                assert all(torch.equal(result[k], reference[k]) for k in reference), path
+                with safe_open(str(path), "pt") as f:
+                    assert f.metadata()["ckpt_ema.input.4.sha256"] == hashlib.sha256(inputs[4].read_bytes()).hexdigest()
+        assert killed_while_writing >= 4, killed_while_writing  # the kills did land during the writes
+        assert temps(out_folder), "kill -9 leaves its temporary file (no handler can run)"
+        server.start(["merge", *inputs, *TARGET, "-o", out_folder / "last.safetensors"])
+        assert os.WEXITSTATUS(server.wait()) == 0
+        assert temps(out_folder) == []  # the next run in the folder removed every stale one
+    finally:
+        server.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM in a real subprocess: temporary file removed, one line, exit 130 / 143
+
+
+@pytest.mark.parametrize(
+    "signum, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_sigint_and_sigterm_remove_the_temporary_file(tmp_path, signum, code, word):
+    inputs = make_series(tmp_path / "run", tensors=2000, size=1024)  # long enough to be caught mid-write
+    out = tmp_path / "out" / "ema.safetensors"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ckpt_ema", "merge", *map(str, inputs), *TARGET, "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert wait_for(lambda: out.parent.exists() and temps(out.parent) != [], 60)
+    time.sleep(0.05)
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == code, stderr
+    assert stderr.strip().splitlines() == [f"ckpt-ema: {word}; no output written, temporary files removed"]
+    assert temps(out.parent) == [] and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Full disk
+
+
+class _FailingFile:
+    """Wraps the writer's file: writes fail with ``code`` once ``budget`` bytes have been written."""
+
+    def __init__(self, file, budget: int, code: int) -> None:
+        self._file, self._budget, self._code = file, budget, code
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self._budget:
+            raise OSError(self._code, os.strerror(self._code))
+        self._budget -= size
+        return self._file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
+def test_a_failing_write_gives_one_line_and_removes_the_temporary_file(tmp_path, monkeypatch, code):
+    inputs = make_series(tmp_path / "run")
+    out = tmp_path / "out" / "ema.safetensors"
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(writer.os, "fdopen", lambda fd, *a, **k: _FailingFile(real_fdopen(fd, *a, **k), 2000, code))
+    line = one_error_line(run("merge", *inputs, *TARGET, "-o", out))
+    monkeypatch.undo()
+    expected_size = _good_output_size(inputs)
+    if code == errno.EFBIG:
+        assert (
+            line == f"Error: {out}: file too large for this file system ({expected_size} bytes); temporary file removed"
+        )
+    else:
+        free = writer.free_bytes(out.parent)
+        assert line.startswith(
+            f"Error: {out}: disk full ({os.strerror(code)}): the output needs {expected_size} bytes, "
+        )
+        assert abs(int(line.split(", ")[1].split()[0]) - free) < 10**8  # the free space at that moment
+    assert temps(out.parent) == [] and not out.exists()
+
+
+def _good_output_size(inputs: list[Path]) -> int:
+    """The size of a successful output of this series, measured by writing one."""
+    probe = inputs[0].parent.parent / "probe.safetensors"
+    assert run("merge", *inputs, *TARGET, "-o", probe, "--force").exit_code == 0
+    return probe.stat().st_size
+
+
+def test_not_enough_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    inputs = make_series(tmp_path / "run")
+    out = tmp_path / "out" / "sub" / "ema.safetensors"
+    monkeypatch.setattr(writer, "free_bytes", lambda folder: 1000)
+    line = one_error_line(run("merge", *inputs, *TARGET, "-o", out))
+    assert "not enough free space: the output needs " in line and "bytes, 1000 are available" in line
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def _can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="cannot mount a tmpfs in a user namespace here")
+@pytest.mark.parametrize("early", [True, False], ids=["checked-before", "full-while-writing"])
+def test_full_tmpfs(tmp_path, early):
+    """A real 256 kB tmpfs; ``full-while-writing`` hides the free space from the early check."""
+    inputs = make_series(tmp_path / "run", tensors=100, size=1024)  # outputs of 400 kB
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    patch = "" if early else "import ckpt_ema.writer as w; w.free_bytes = lambda folder: 1 << 40; "
+    command = f"{patch}from ckpt_ema.cli import main; main(prog_name='ckpt-ema')"
+    args = " ".join(["merge", *map(str, inputs), *TARGET, "-o", str(disk / "ema.safetensors")])
+    script = f'mount -t tmpfs -o size=256k tmpfs {disk} && {sys.executable} -c "{command}" {args}; echo "rc=$?"; ls -A {disk}'
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "rc=1", done.stdout  # exit 1, and the folder is empty afterwards
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    if early:
+        assert "not enough free space: the output needs " in lines[0] and " bytes, 262144 are available" in lines[0]
+    else:
+        assert "disk full (No space left on device): the output needs " in lines[0]
+        assert lines[0].endswith("are available; temporary file removed")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs are never opened for writing; outputs never replace an input or an existing file silently
+
+_WRITE_OPENS: list[tuple[str, object, object]] | None = None
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _WRITE_OPENS is not None and event == "open":
+        path, mode, flags = args
+        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+            isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_TRUNC)
+        )
+        if writes:
+            _WRITE_OPENS.append((str(path), mode, flags))
+
+
+sys.addaudithook(_audit)
+
+
+def test_inputs_are_read_only_to_the_tool(tmp_path):
+    global _WRITE_OPENS
+    inputs = make_series(tmp_path / "run")
+    for path in inputs:
+        path.chmod(0o444)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in inputs}
+    _WRITE_OPENS = []
+    try:
+        result = run("merge", *inputs, *TARGET, "--decay", "0.99", "-o", tmp_path / "out", "--verify")
+        opened_for_writing = list(_WRITE_OPENS)
+    finally:
+        _WRITE_OPENS = None
+    assert result.exit_code == 0, result.output
+    assert opened_for_writing, "the audit hook sees the outputs being written"
+    touched = {os.path.realpath(p) for p, _, _ in opened_for_writing if isinstance(p, str)}
+    assert touched.isdisjoint({os.path.realpath(p) for p in inputs})
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_ino) for p in inputs} == before
+
+
+def test_output_through_a_symlink_to_an_input_is_refused(tmp_path):
+    inputs = make_series(tmp_path / "run")
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(inputs[0])
+    before = inputs[0].read_bytes()
+    line = one_error_line(run("merge", *inputs, *TARGET, "-o", link, "--force"))
+    assert line == f"Error: {link}: is an input ({inputs[0]}); choose another output"
+    assert inputs[0].read_bytes() == before
+
+
+def test_existing_output_is_kept_without_force_and_replaced_with_it(tmp_path):
+    inputs = make_series(tmp_path / "run")
+    out = tmp_path / "ema.safetensors"
+    out.write_bytes(b"precious")
+    line = one_error_line(run("merge", *inputs, *TARGET, "-o", out))
+    assert line == f"Error: {out}: already exists; pass --force to replace it"
+    assert out.read_bytes() == b"precious"
+    assert run("merge", *inputs, *TARGET, "-o", out, "--force").exit_code == 0
+    assert load_file(out).keys() == load_file(inputs[0]).keys()
+
+
+def test_stale_temporaries_removed_but_not_live_ones_nor_links(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".a.safetensors{TEMP_MARKER}{dead.pid}"
+    stale.write_bytes(b"partial")
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"keep")
+    link = tmp_path / f".b.safetensors{TEMP_MARKER}{dead.pid}"
+    link.symlink_to(target)
+    live = SafetensorsWriter(tmp_path / "c.safetensors", [], {})  # holds its lock, like a running merge
+    old = tmp_path / f".d.safetensors{TEMP_MARKER}{os.getpid()}"  # our own pid: only its age makes it stale
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    try:
+        removed = remove_stale_temps(tmp_path)
+        assert sorted(removed) == sorted([stale, old])
+        assert live.temp_path.exists() and link.is_symlink() and target.read_bytes() == b"keep"
+        os.utime(live.temp_path, (time.time() - 3600, time.time() - 3600))
+        assert remove_stale_temps(tmp_path) == []  # locked: kept even when old
+    finally:
+        live.abort()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Integrity: SHA-256 provenance, reserved header slots, --verify
+
+
+def test_inputs_sha256_recorded_in_the_provenance(tmp_path):
+    inputs = make_series(tmp_path / "run", tensors=30, size=4096)
+    out = tmp_path / "ema.safetensors"
+    assert run("merge", *inputs, *TARGET, "-o", out).exit_code == 0
+    with safe_open(str(out), "pt") as f:
+        metadata = f.metadata()
+    for index, path in enumerate(inputs):
+        assert metadata[f"ckpt_ema.input.{index}.path"] == str(path)
+        assert metadata[f"ckpt_ema.input.{index}.sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_late_metadata_is_written_in_place_in_the_reserved_slot(tmp_path):
+    from ckpt_ema.plan import TensorPlan
+
+    tensors = [TensorPlan("w", (3,), True, "F32")]
+    values = {"late.a": "0123456789abcdef", "late.b": "x" * 4}
+    options = WriteOptions(late_metadata={"late.a": 16, "late.b": 4}, late_values=lambda: values)
+    with write_options(options):
+        sink = SafetensorsWriter(tmp_path / "t.safetensors", tensors, {"early": '"quoted" "late.a":"'})
+    sink.write("w", torch.tensor([1.0, 2.0, 3.0]))
+    sink.commit()
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        assert f.metadata() == {"early": '"quoted" "late.a":"', **values}
+        assert f.get_tensor("w").tolist() == [1.0, 2.0, 3.0]
+    values["late.b"] = "toolong"
+    with write_options(options):
+        sink = SafetensorsWriter(tmp_path / "u.safetensors", tensors, {})
+    sink.write("w", torch.zeros(3))
+    with pytest.raises(RuntimeError, match="late.b"):
+        sink.commit()
+    assert temps(tmp_path) == [] and not (tmp_path / "u.safetensors").exists()
+
+
+def test_verify_passes_and_changes_nothing(tmp_path):
+    inputs = make_series(tmp_path / "run")
+    plain, verified = tmp_path / "plain.safetensors", tmp_path / "verified.safetensors"
+    assert run("merge", *inputs, *TARGET, "-o", plain).exit_code == 0
+    assert run("merge", *inputs, *TARGET, "-o", verified, "--verify").exit_code == 0
+    assert plain.read_bytes() == verified.read_bytes()
+
+
+def test_verify_catches_data_changed_on_disk_and_keeps_the_old_output(tmp_path, monkeypatch):
+    inputs = make_series(tmp_path / "run")
+    out = tmp_path / "ema.safetensors"
+    out.write_bytes(b"old good output")
+
+    def corrupt(fd, offset, length, advice):  # stands in for a disk that returns other bytes
+        size = os.fstat(fd).st_size
+        os.pwrite(fd, b"\x7f", size - 3)
+
+    monkeypatch.setattr(writer.os, "posix_fadvise", corrupt)
+    line = one_error_line(run("merge", *inputs, *TARGET, "-o", out, "--force", "--verify"))
+    assert line == f"Error: {out}: --verify: the data read back differs from the data written"
+    assert out.read_bytes() == b"old good output" and temps(tmp_path) == []
+
+
+def test_verify_refuses_an_output_that_overflows_fp16(tmp_path):
+    inputs = make_series(tmp_path / "run", scale={s: 1e6 for s in STEPS})
+    out = tmp_path / "ema.safetensors"
+    line = one_error_line(run("merge", *inputs, *TARGET, "--dtype", "fp16", "-o", out, "--verify"))
+    assert line == f"Error: {out}: --verify: tensor 'block.0.weight' has NaN or Inf values"
+    assert not out.exists() and temps(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numerical hazards and --strict
+
+
+def test_a_diverged_checkpoint_is_warned_with_file_step_and_tensor(tmp_path):
+    inputs = make_series(tmp_path / "run", scale={400: 50.0})
+    result = run("merge", *inputs, *TARGET, "-o", tmp_path / "ema.safetensors")
+    assert result.exit_code == 0
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stderr  # the jump up; the fall back at step 500 is not repeated
+    ratio = _norm(inputs[3]) / _norm(inputs[2])
+    assert warnings[0].startswith(
+        f"warning: {inputs[3]}: the weights' norm at step 400 is {ratio:.3g}x that at step 300"
+    )
+    assert "tensor 'block." in warnings[0]
+
+
+def _norm(path: Path) -> float:
+    """L2 norm over all floating-point tensors of a file, in float64."""
+    state = load_file(path)
+    return sum(float((t.double() ** 2).sum()) for t in state.values() if t.is_floating_point()) ** 0.5
+
+
+def test_a_smooth_series_gives_no_warning(tmp_path):
+    inputs = make_series(tmp_path / "run", scale={100: 1.0, 200: 1.5, 300: 2.5, 400: 4.0, 500: 6.0})
+    result = run("merge", *inputs, *TARGET, "-o", tmp_path / "ema.safetensors")
+    assert result.exit_code == 0 and "warning" not in result.stderr
+
+
+@pytest.mark.parametrize("hazard", ["nan", "diverged", "plan warning"])
+def test_strict_turns_warnings_into_errors_and_writes_nothing(tmp_path, hazard):
+    inputs = make_series(tmp_path / "run", scale={400: 50.0} if hazard == "diverged" else None)
+    target = TARGET
+    if hazard == "nan":
+        state = load_file(inputs[2])
+        state["block.3.weight"][5] = float("nan")
+        save_file(state, str(inputs[2]))
+    if hazard == "plan warning":
+        target = ["--decay", "0.9"]  # half-life 6.6 steps, far shorter than the 100-step spacing
+    out = tmp_path / "out" / "ema.safetensors"
+    out.parent.mkdir()
+    assert run("merge", *inputs, *target, "-o", tmp_path / "loose.safetensors").exit_code == 0  # warned only
+    line = one_error_line(run("merge", *inputs, *target, "-o", out, "--strict"))
+    assert line.endswith("(--strict: no output written)")
+    expected = {
+        "nan": f"Error: {inputs[2]}: tensor 'block.3.weight' (step 300) has NaN or Inf values",
+        "diverged": f"Error: {inputs[3]}: the weights' norm at step 400 is {_norm(inputs[3]) / _norm(inputs[2]):.3g}x",
+        "plan warning": "Error: decay-0.9: the half-life",
+    }[hazard]
+    assert line.startswith(expected), line
+    assert list(out.parent.iterdir()) == []
