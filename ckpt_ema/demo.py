@@ -4,10 +4,16 @@ Trains a small MLP with noisy minibatch SGD for 400 steps, saving a BF16 safeten
 20 steps (as trainers do), while also keeping the EMA a trainer would keep in BF16 at decay 0.999.
 Then runs ``ckpt-ema merge`` at several decays and sigma_rel in one pass and prints each candidate's
 held-out loss: the best EMA is only known after training, and the BF16 trainer EMA barely moved.
+It ends as a user would: ``ckpt-ema doctor`` explains the stalled trainer EMA and proposes candidates, and
+``ckpt-ema sweep`` writes them in one pass and picks one by held-out loss, computed by
+``python -m ckpt_ema.demo eval PATH`` (which prints the held-out loss of a saved state dict).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -96,14 +102,55 @@ def main(out_dir: str = "demo-out") -> None:
         print(f"{name:<34}{loss:.4f}{'   <- best' if (name, loss) == best else ''}")
     base = load_file(init)
     fp32_ema = load_file(out / "ema" / "decay-0.999.safetensors")
-    moved = sum(float((bf16_ema[k].float() - base[k].float()).norm()) for k in base)
-    moved_fp32 = sum(float((fp32_ema[k].float() - base[k].float()).norm()) for k in base)
+    moved = sum(float((bf16_ema[k].double() - base[k].double()).square().sum()) for k in base) ** 0.5
+    moved_fp32 = sum(float((fp32_ema[k].double() - base[k].double()).square().sum()) for k in base) ** 0.5
     print(
         f"\nThe trainer's BF16 EMA at decay 0.999 moved only {moved / moved_fp32:.0%} as far from the start as the same "
         "EMA computed in FP32:\nmany of its per-step updates were below BF16 precision and rounded away. Post-hoc, every candidate came "
         f"from one pass over the same checkpoints;\nthe best here is {best[0].split()[-1]}."
     )
+    save_file(bf16_ema, str(out / "trainer-ema.safetensors"))
+    choose_by_sweep(run_dir, init, out)
+
+
+def choose_by_sweep(run_dir: Path, init: Path, out: Path) -> None:
+    """What a user does next: ask ``doctor`` why the trainer's EMA stalled, then sweep its proposals."""
+    from .cli import main as cli
+    from .doctor import Checkup
+
+    ema = out / "trainer-ema.safetensors"
+    print(f"\n$ ckpt-ema doctor --ema {ema} {run_dir}/ --init {init} --decay 0.999")
+    cli.main(["doctor", "--ema", str(ema), str(run_dir), "--init", str(init), "--decay", "0.999", "-q"],
+             standalone_mode=False)  # fmt: skip
+    checkup = Checkup([run_dir], init=init)  # headers only: the same proposals, as data
+    proposal = checkup.result()
+    decays, sigma_rels = ",".join(proposal.recommended_decays), ",".join(proposal.recommended_sigma_rel)
+    python = os.path.relpath(sys.executable) if not os.path.relpath(sys.executable).startswith("..") else sys.executable
+    evaluate = f"{shlex.quote(python)} -m ckpt_ema.demo eval {{path}}"
+    sweep_dir = out / "sweep"
+    print(
+        f"\n$ ckpt-ema sweep {run_dir}/ --init {init} --decay {decays} --sigma-rel {sigma_rels} \\\n"
+        f"    -o {sweep_dir} --eval {shlex.quote(evaluate)} --keep best"
+    )
+    args = ["sweep", str(run_dir), "--init", str(init), "--decay", decays, "--sigma-rel", sigma_rels,
+            "-o", str(sweep_dir), "--eval", evaluate, "--keep", "best", "-q"]  # fmt: skip
+    cli.main(args, standalone_mode=False)
+    record = json.loads((sweep_dir / "sweep.json").read_text())
+    best = next(c for c in record["candidates"] if c["name"] == record["best"])
+    print(
+        f"\nThe sweep chose {best['name']} (held-out loss {best['score']:.4f}) after training, from one pass over "
+        f"the checkpoints;\nthe other candidates were scored and deleted: {best['path']} is the EMA to keep."
+    )
+
+
+def evaluate_file(path: str) -> float:
+    """The held-out loss of the tiny model with the weights in ``path`` (``python -m ckpt_ema.demo eval PATH``)."""
+    _, _, x_test, y_test = make_task()
+    return held_out_loss(make_model(), load_file(path), x_test, y_test)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["eval"] and len(sys.argv) == 3:
+        print(f"held-out loss {evaluate_file(sys.argv[2]):.6f}")
+    else:
+        main(*sys.argv[1:])

@@ -126,6 +126,7 @@ def sweep(
         job.commit()
 
     result = SweepResult(plan, candidates_from_plan(plan, paths), eval_command, maximize=not minimize)
+    deleted: list[Path] = []
     if eval_command:
         for candidate in tqdm(result.candidates, desc="eval", disable=True if quiet else None, file=sys.stderr):
             candidate.score, candidate.error = evaluate(eval_command, candidate.path)
@@ -134,8 +135,6 @@ def sweep(
         result.best = pick_best(result.candidates, result.maximize)
         if keep == "best":
             deleted = discard_others(result)
-            if deleted:
-                click.echo(f"--keep best: deleted the {len(deleted)} other candidates", err=True)
     write_json(output / "sweep.json", sweep_json(result))
     if plot and result.best is not None:
         scored = result.candidates
@@ -152,7 +151,9 @@ def sweep(
         click.echo(json.dumps(sweep_json(result), indent=2))
     else:
         click.echo("\n".join(describe_sweep(result)))
-        click.echo(f"\nwrote {len(paths)} candidates and {output / 'sweep.json'}" + (f" and {output / 'sweep.png'}" if plot and result.best is not None else ""))  # fmt: skip
+        removed = f" ({len(deleted)} deleted by --keep best)" if deleted else ""
+        plotted = f" and {output / 'sweep.png'}" if plot and result.best is not None else ""
+        click.echo(f"\nwrote {len(paths)} candidates{removed}, {output / 'sweep.json'}{plotted}")
         if result.best is not None:
             best = result.candidates[result.best]
             click.echo(f"best: {best.name} (score {best.score:.6g}, {result.direction}d) -> {best.path}")
