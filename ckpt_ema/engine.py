@@ -1,27 +1,65 @@
 """The one streaming pass: apply a plan's coefficient matrix to the checkpoints, chunk by chunk.
 
-For every floating-point tensor and every chunk of its elements, each checkpoint's chunk is read from the
-memory-mapped file, upcast once to the accumulator dtype (FP32; FP64 for FP64 outputs) and added into
-every output's accumulator with that output's coefficient. Additions run in step order, oldest first
-(``acc = c_0 x_0``, then ``acc += c_j x_j``). Each output chunk is rounded to its output dtype once and
-handed to the output's sink. Memory is bounded by ``outputs x chunk`` elements, whatever the number or the
-size of the checkpoints. Non-float tensors are copied from the newest checkpoint.
+What is computed: for every floating-point tensor, every element and every output ``k``,
+``out_k = round_out(acc)`` where ``acc`` is FP32 (FP64 for FP64 outputs) and the checkpoints are added in
+step order, oldest first::
+
+    acc = c[k, 0] * x_0          # x_j upcast exactly from BF16/FP16/FP32 to FP32
+    acc = acc + c[k, j] * x_j    # j = 1, 2, ...: one multiply-add rounded to FP32 per checkpoint
+
+(coefficients rounded once from float64 to FP32; checkpoints whose coefficients are all 0 are not read).
+Each multiply-add is a fused multiply-add where the CPU has one, in both kernels below; either way the
+result is the float64 weighted sum to within FP32 rounding, and it does not depend on how the tensors are
+split into chunks or spans, so a distributed run gives the same bytes as a single process. Non-float
+tensors are copied from the newest checkpoint.
+
+How: consecutive tensors that lie back to back in every checkpoint (same dtype) are merged into one *span*
+and processed as one flat run of elements, so small tensors (biases, norms) cost no per-tensor
+Python overhead; the span is cut into chunks of ``chunk_elements`` and each output chunk is handed to the
+outputs' sinks tensor by tensor. Two kernels compute a chunk:
+
+- ``fused`` (numba, ``pip install ckpt-ema[fast]``; see ``fused.py``): one pass over the inputs per chunk
+  that upcasts, applies every coefficient while the data is in cache and rounds, on all cores;
+- ``torch``: the pure-torch fallback, used for other dtypes (FP16, FP64, FP8, mixed) or without numba:
+  per checkpoint one upcast copy and one ``add_(x, alpha=c)`` per output (intra-op threads).
+
+``CKPT_EMA_KERNEL=torch`` (or ``kernel="torch"``) forces the fallback. Memory is bounded by
+``outputs x chunk`` elements whatever the number or size of the checkpoints.
 
 No printing here: the pass is an iterable yielding progress; warnings go to a callback.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
+from . import fused
 from .plan import Plan, TensorPlan
 from .safetensors_format import DTYPES
 
-DEFAULT_CHUNK_ELEMENTS = 1 << 20
+DEFAULT_CHUNK_ELEMENTS = 1 << 18  # torch kernel: 1 MB FP32 chunks stay in L2 (measured best of 2^14..2^20)
+FUSED_CHUNK_ELEMENTS = 1 << 20  # fused kernel: blocks of fused.BLOCK inside, spread over the cores
+KERNELS = ("auto", "fused", "torch")
+
+
+def choose_kernel(kernel: str | None = None) -> str:
+    """``fused`` when numba is installed (unless ``CKPT_EMA_KERNEL=torch``), else ``torch``."""
+    kernel = kernel or os.environ.get("CKPT_EMA_KERNEL", "auto")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "fused" and not fused.AVAILABLE:
+        raise ValueError("the fused kernel needs numba: pip install 'ckpt-ema[fast]'")
+    if kernel == "auto":
+        return "fused" if fused.AVAILABLE else "torch"
+    return kernel
 
 
 class TensorSink(Protocol):
@@ -48,41 +86,109 @@ class MemorySink:
         self._filled[name] = start + data.numel()
 
 
+@dataclass
+class _Span:
+    """Tensors back to back in every used checkpoint: one flat run of ``numel`` elements per checkpoint."""
+
+    tensors: list[TensorPlan] = field(default_factory=list)
+    views: list[list[torch.Tensor]] = field(default_factory=list)  # per tensor, per used checkpoint
+    numel: int = 0
+
+    def extends(self, tensor: TensorPlan, views: list[torch.Tensor]) -> bool:
+        if not self.tensors:
+            return False
+        last, previous = self.tensors[-1], self.views[-1]
+        return tensor.out_dtype == last.out_dtype and all(
+            v.dtype == p.dtype and v.data_ptr() == p.data_ptr() + p.numel() * p.element_size()
+            for v, p in zip(views, previous)
+        )
+
+    def add(self, tensor: TensorPlan, views: list[torch.Tensor]) -> None:
+        self.tensors.append(tensor)
+        self.views.append(views)
+        self.numel += math.prod(tensor.shape)
+
+    def inputs(self) -> list[torch.Tensor]:
+        """Each used checkpoint's whole span as one 1-D tensor (a view of its mapping, no copy)."""
+        if len(self.tensors) == 1:
+            return self.views[0]
+        result = []
+        for first in self.views[0]:
+            raw = (ctypes.c_uint8 * (self.numel * first.element_size())).from_address(first.data_ptr())
+            result.append(torch.frombuffer(raw, dtype=first.dtype))
+        return result
+
+
+SPAN_LIMIT = 1 << 24  # elements: tensors are grouped up to this size (progress stays smooth)
+
+
 class MergePass:
     """Iterating runs the pass; each item is the number of input bytes read for one tensor.
 
     ``len()`` is the number of tensors and ``total_bytes`` the bytes the pass reads, for progress bars.
+
+    Args:
+        plan: what to compute.
+        sinks: one per output, receiving its tensors in order.
+        chunk_elements: elements per chunk (default: 2^18 for the torch kernel, 2^20 for the fused one).
+        on_warning: called with a message for each input tensor holding NaN or Inf.
+        kernel: ``"auto"``, ``"fused"`` or ``"torch"`` (default: ``CKPT_EMA_KERNEL`` or ``"auto"``).
+        tensors: the tensors to compute (default: all of ``plan.tensors``; a distributed rank's share).
     """
 
     def __init__(
         self,
         plan: Plan,
         sinks: Sequence[TensorSink],
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        chunk_elements: int | None = None,
         on_warning: Callable[[str], None] | None = None,
+        kernel: str | None = None,
+        tensors: Sequence[TensorPlan] | None = None,
     ) -> None:
         if len(sinks) != len(plan.outputs):
             raise ValueError("one sink per output is needed")
+        if chunk_elements is not None and chunk_elements < 1:
+            raise ValueError("chunk_elements must be >= 1")
         self.plan = plan
         self.sinks = list(sinks)
+        self.kernel = choose_kernel(kernel)
         self.chunk_elements = chunk_elements
         self.on_warning = on_warning or (lambda message: None)
+        self.tensors = tuple(plan.tensors if tensors is None else tensors)
         self._warned: set[tuple[str, int]] = set()
         self.coefficients = plan.coefficient_matrix()  # (outputs, checkpoints) float64
         self.used_inputs = [j for j in range(len(plan.checkpoints)) if self.coefficients[:, j].any()]
-        self.total_bytes = sum(self._bytes_read(t) for t in plan.tensors)
+        self._coefs32 = np.ascontiguousarray(self.coefficients[:, self.used_inputs], dtype=np.float32)
+        self.total_bytes = sum(self._bytes_read(t) for t in self.tensors)
 
     def __len__(self) -> int:
-        return len(self.plan.tensors)
+        return len(self.tensors)
 
     def __iter__(self) -> Iterator[int]:
-        for tensor in self.plan.tensors:
-            if math.prod(tensor.shape) > 0:
-                if tensor.is_float:
-                    self._merge_float(tensor)
-                else:
-                    self._copy_newest(tensor)
-            yield self._bytes_read(tensor)
+        span = _Span()
+        for tensor in self.tensors:
+            if math.prod(tensor.shape) == 0:
+                yield from self._flush(span)
+                span = _Span()
+                yield self._bytes_read(tensor)
+            elif not tensor.is_float:
+                yield from self._flush(span)
+                span = _Span()
+                self._copy_newest(tensor)
+                yield self._bytes_read(tensor)
+            else:
+                views = [self.plan.checkpoints[j].source.flat(tensor.name) for j in self.used_inputs]
+                if not span.extends(tensor, views) or span.numel + math.prod(tensor.shape) > SPAN_LIMIT:
+                    yield from self._flush(span)
+                    span = _Span()
+                span.add(tensor, views)
+        yield from self._flush(span)
+
+    def _flush(self, span: _Span) -> Iterator[int]:
+        if span.tensors:
+            self._merge_span(span)
+            for tensor in span.tensors:
+                yield self._bytes_read(tensor)
 
     def _bytes_read(self, tensor: TensorPlan) -> int:
         readers = self.used_inputs if tensor.is_float else [len(self.plan.checkpoints) - 1]
@@ -93,52 +199,103 @@ class MergePass:
         for sink in self.sinks:
             sink.write(tensor.name, data)
 
-    def _merge_float(self, tensor: TensorPlan) -> None:
-        acc_dtype = torch.float64 if tensor.out_dtype == "F64" else torch.float32
-        out_dtype = DTYPES[tensor.out_dtype][0]
-        numel = math.prod(tensor.shape)
-        chunk = min(self.chunk_elements, numel)
-        n_out = len(self.sinks)
-        accumulators = torch.empty((n_out, chunk), dtype=acc_dtype)
+    def _merge_span(self, span: _Span) -> None:
+        inputs = span.inputs()
+        out_name = span.tensors[0].out_dtype
+        in_names = {DTYPES_BY_TORCH.get(x.dtype) for x in inputs}
+        in_name = in_names.pop() if len(in_names) == 1 else None
+        use_fused = self.kernel == "fused" and in_name in fused.INPUT_KINDS and out_name in fused.OUTPUT_KINDS
+        chunk = min(self.chunk_elements or (FUSED_CHUNK_ELEMENTS if use_fused else DEFAULT_CHUNK_ELEMENTS), span.numel)
+        pieces = _Pieces(span, self.sinks)
+        if use_fused:
+            out = np.empty((len(self.sinks), chunk), dtype=fused.OUTPUT_KINDS[out_name])
+            out_torch = torch.from_numpy(out)
+            if out_name == "BF16":
+                out_torch = out_torch.view(torch.bfloat16)
+            bases = np.array([x.data_ptr() for x in inputs], dtype=np.int64)
+            step = inputs[0].element_size()
+            for start in range(0, span.numel, chunk):
+                size = min(span.numel, start + chunk) - start
+                bad = fused.weighted_sums(bases + step * start, in_name, self._coefs32, size, out)
+                if bad:
+                    self._find_non_finite(span, start, start + size)
+                pieces.write(out_torch, start, size)
+            return
+        acc_dtype = torch.float64 if out_name == "F64" else torch.float32
+        out_dtype = DTYPES[out_name][0]
+        accumulators = torch.empty((len(self.sinks), chunk), dtype=acc_dtype)
         upcast = torch.empty(chunk, dtype=acc_dtype)
-        rounded = torch.empty(chunk, dtype=out_dtype) if out_dtype != acc_dtype else None
-        views = {j: self.plan.checkpoints[j].source.flat(tensor.name) for j in self.used_inputs}
+        rounded = torch.empty((len(self.sinks), chunk), dtype=out_dtype) if out_dtype != acc_dtype else None
         rows = [
-            [(k, float(self.coefficients[k, j])) for k in range(n_out) if self.coefficients[k, j] != 0.0]
-            for j in range(len(self.plan.checkpoints))
+            [(k, float(self.coefficients[k, j])) for k in range(len(self.sinks)) if self.coefficients[k, j] != 0.0]
+            for j in self.used_inputs
         ]
-        for start in range(0, numel, chunk):
-            stop = min(numel, start + chunk)
+        for start in range(0, span.numel, chunk):
+            stop = min(span.numel, start + chunk)
             size = stop - start
-            started = [False] * n_out
-            for j in self.used_inputs:
-                source = views[j][start:stop]
+            started = [False] * len(self.sinks)
+            for x, row in zip(inputs, rows):
+                source = x[start:stop]
                 if source.dtype != acc_dtype:
                     source = upcast[:size].copy_(source)
-                for k, coef in rows[j]:
+                for k, coef in row:
                     if started[k]:
                         accumulators[k, :size].add_(source, alpha=coef)
                     else:
                         torch.mul(source, coef, out=accumulators[k, :size])
                         started[k] = True
-            self._check_finite(tensor.name, accumulators[:, :size], views, start, stop)
-            for k, sink in enumerate(self.sinks):
-                if rounded is None:
-                    sink.write(tensor.name, accumulators[k, :size])
-                else:
-                    sink.write(tensor.name, rounded[:size].copy_(accumulators[k, :size]))
+            # A non-finite input with a non-zero coefficient makes some accumulator non-finite; one
+            # reduction per chunk finds that cheaply, and only then are the inputs searched.
+            if not math.isfinite(float(accumulators[:, :size].sum())):
+                self._find_non_finite(span, start, stop)
+            if rounded is None:
+                pieces.write(accumulators, start, size)
+            else:
+                pieces.write(rounded[:, :size].copy_(accumulators[:, :size]), start, size)
 
-    def _check_finite(
-        self, name: str, accumulators: torch.Tensor, views: dict[int, torch.Tensor], start: int, stop: int
-    ) -> None:
-        # A non-finite input value with a non-zero coefficient makes some accumulator non-finite;
-        # one reduction per chunk finds that cheaply, and only then are the inputs searched.
-        if math.isfinite(float(accumulators.sum())):
-            return
-        for j in self.used_inputs:
-            if not bool(torch.isfinite(views[j][start:stop]).all()):
-                key = (name, j)
-                if key not in self._warned:
+    def _find_non_finite(self, span: _Span, start: int, stop: int) -> None:
+        """Warn once per (tensor, checkpoint) holding NaN or Inf in elements ``start:stop`` of the span."""
+        offset = 0
+        for tensor, views in zip(span.tensors, span.views):
+            numel = math.prod(tensor.shape)
+            lo, hi = max(start, offset) - offset, min(stop, offset + numel) - offset
+            offset += numel
+            if lo >= hi:
+                continue
+            for j, view in zip(self.used_inputs, views):
+                key = (tensor.name, j)
+                if key not in self._warned and not bool(torch.isfinite(view[lo:hi]).all()):
                     self._warned.add(key)
                     ckpt = self.plan.checkpoints[j]
-                    self.on_warning(f"{ckpt.path}: tensor {name!r} (step {ckpt.step}) has NaN or Inf values")
+                    self.on_warning(f"{ckpt.path}: tensor {tensor.name!r} (step {ckpt.step}) has NaN or Inf values")
+
+
+DTYPES_BY_TORCH = {torch_dtype: name for name, (torch_dtype, _, _) in DTYPES.items()}
+
+
+class _Pieces:
+    """Hands each chunk of a span's outputs to the sinks, cut at the tensors' boundaries."""
+
+    def __init__(self, span: _Span, sinks: Sequence[TensorSink]) -> None:
+        self.sinks = sinks
+        self.bounds = []
+        offset = 0
+        for tensor in span.tensors:
+            numel = math.prod(tensor.shape)
+            self.bounds.append((offset, offset + numel, tensor.name))
+            offset += numel
+        self.index = 0
+
+    def write(self, outputs: torch.Tensor, start: int, size: int) -> None:
+        """``outputs[k, :size]`` holds elements ``start:start+size`` of the span for output ``k``."""
+        stop = start + size
+        while self.index < len(self.bounds):
+            lo, hi, name = self.bounds[self.index]
+            if lo >= stop:
+                return
+            a, b = max(lo, start), min(hi, stop)
+            for k, sink in enumerate(self.sinks):
+                sink.write(name, outputs[k, a - start : b - start])
+            if hi > stop:
+                return
+            self.index += 1

@@ -1,0 +1,202 @@
+"""The numba kernel behind ``fused.py`` (imported only when a fused pass runs: numba takes ~0.3 s to load).
+
+See ``fused.py`` for what it computes and in which order.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic, overload
+
+from .fused import BLOCK, GROUP
+
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """``address`` (an int64) as a pointer to ``like``'s element type."""
+    sig = types.CPointer(like.dtype)(types.int64, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(like.dtype)))
+
+    return sig, codegen
+
+
+@intrinsic
+def _bf16_to_f32(typingctx, bits):
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        wide = builder.zext(args[0], ir.IntType(32))
+        return builder.bitcast(builder.shl(wide, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+
+    return sig, codegen
+
+
+def _f32(value):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_f32, inline="always")
+def _f32_impl(value):
+    if value == types.uint16:
+        return lambda value: _bf16_to_f32(value)
+    if value == types.float32:
+        return lambda value: value
+    return None
+
+
+def _store(out, index, value):  # pragma: no cover - replaced by the overload below
+    raise NotImplementedError
+
+
+@overload(_store, inline="always")
+def _store_impl(out, index, value):
+    if out.dtype == types.uint16:
+
+        def store_bf16(out, index, value):
+            u = _f32_bits(value)
+            is_nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)  # NaN stays a (quiet) NaN
+            nearest_even = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            quiet_nan = (u >> np.uint32(16)) | np.uint32(0x40)
+            mask = np.uint32(0) - np.uint32(is_nan)  # all ones for a NaN (branch-free select)
+            out[index] = np.uint16((quiet_nan & mask) | (nearest_even & ~mask))
+
+        return store_bf16
+    if out.dtype == types.float32:
+
+        def store_f32(out, index, value):
+            out[index] = value
+
+        return store_f32
+    return None
+
+
+@intrinsic
+def _f32_bits(typingctx, value):
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@numba.njit(fastmath={"contract"}, inline="always")
+def _finish(acc, out, lo, m):
+    """Round the block to the output dtype; count non-finite values."""
+    bad = 0
+    for i in range(m):
+        value = acc[i]
+        bad += (_f32_bits(value) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+        _store(out, lo + i, value)
+    return bad
+
+
+@numba.njit(fastmath={"contract"}, inline="always")
+def _add_inputs(addresses, like, coefs, k, k1, lo, m, a, b):
+    """Accumulate every input into ``a`` (target ``k``) and, if ``k1 != k``, ``b`` (target ``k1``)."""
+    n_in = coefs.shape[1]
+    step = like.itemsize
+    pair = k1 != k
+    j = 0
+    while j < n_in:
+        s0 = numba.carray(_pointer(addresses[j] + step * lo, like), m)
+        c0, d0 = coefs[k, j], coefs[k1, j]
+        if j + GROUP > n_in:  # fewer than four inputs left: one at a time
+            if j == 0:
+                for i in range(m):
+                    a[i] = c0 * _f32(s0[i])
+            else:
+                for i in range(m):
+                    a[i] += c0 * _f32(s0[i])
+            if pair:
+                if j == 0:
+                    for i in range(m):
+                        b[i] = d0 * _f32(s0[i])
+                else:
+                    for i in range(m):
+                        b[i] += d0 * _f32(s0[i])
+            j += 1
+            continue
+        s1 = numba.carray(_pointer(addresses[j + 1] + step * lo, like), m)
+        s2 = numba.carray(_pointer(addresses[j + 2] + step * lo, like), m)
+        s3 = numba.carray(_pointer(addresses[j + 3] + step * lo, like), m)
+        c1, c2, c3 = coefs[k, j + 1], coefs[k, j + 2], coefs[k, j + 3]
+        d1, d2, d3 = coefs[k1, j + 1], coefs[k1, j + 2], coefs[k1, j + 3]
+        # Four copies of one loop (pair or single target; first inputs or not): each stays a plain loop
+        # that LLVM vectorises, and the first group writes the accumulators without reading them.
+        if pair and j == 0:
+            for i in range(m):
+                x0, x1, x2, x3 = _f32(s0[i]), _f32(s1[i]), _f32(s2[i]), _f32(s3[i])
+                t = c0 * x0
+                u = d0 * x0
+                t += c1 * x1
+                u += d1 * x1
+                t += c2 * x2
+                u += d2 * x2
+                a[i] = t + c3 * x3
+                b[i] = u + d3 * x3
+        elif pair:
+            for i in range(m):
+                x0, x1, x2, x3 = _f32(s0[i]), _f32(s1[i]), _f32(s2[i]), _f32(s3[i])
+                t = a[i] + c0 * x0
+                u = b[i] + d0 * x0
+                t += c1 * x1
+                u += d1 * x1
+                t += c2 * x2
+                u += d2 * x2
+                a[i] = t + c3 * x3
+                b[i] = u + d3 * x3
+        elif j == 0:
+            for i in range(m):
+                t = c0 * _f32(s0[i])
+                t += c1 * _f32(s1[i])
+                t += c2 * _f32(s2[i])
+                a[i] = t + c3 * _f32(s3[i])
+        else:
+            for i in range(m):
+                t = a[i] + c0 * _f32(s0[i])
+                t += c1 * _f32(s1[i])
+                t += c2 * _f32(s2[i])
+                a[i] = t + c3 * _f32(s3[i])
+        j += GROUP
+
+
+@numba.njit(fastmath={"contract"}, inline="always")
+def _block(addresses, like, coefs, lo, m, out, a, b):
+    """One block of every target, two targets at a time (each input value converted once per pair)."""
+    n_out = coefs.shape[0]
+    bad = 0
+    for k in range(0, n_out, 2):
+        k1 = k + 1 if k + 1 < n_out else k
+        _add_inputs(addresses, like, coefs, k, k1, lo, m, a, b)
+        bad += _finish(a, out[k], lo, m)
+        if k1 != k:
+            bad += _finish(b, out[k1], lo, m)
+    return bad
+
+
+@numba.njit(parallel=True, fastmath={"contract"}, nogil=True, cache=True)
+def weighted_sums_kernel(addresses, like, coefs, n, out):
+    bad = 0
+    for block in prange((n + BLOCK - 1) // BLOCK):
+        lo = block * BLOCK
+        m = min(n, lo + BLOCK) - lo
+        a = np.empty(BLOCK, dtype=np.float32)
+        b = np.empty(BLOCK, dtype=np.float32)
+        bad += _block(addresses, like, coefs, lo, m, out, a, b)
+    return bad
+
+
+def _match_torch_threads() -> None:
+    # Under torchrun, torch is given OMP_NUM_THREADS=1 per rank: use as many threads as torch does.
+    import torch
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+
+
+_match_torch_threads()

@@ -1,0 +1,44 @@
+"""The fused kernel (optional, needs numba): read, upcast and accumulate every target while in cache.
+
+One call computes ``out[k, i] = round(sum_j c[k, j] * x_j[i])`` for a run of elements of every input, in
+blocks of ``BLOCK`` elements spread over the CPU cores. For each block and each target, the inputs are
+added in step order, four at a time: ``t = a[i] + c0*x0; t += c1*x1; t += c2*x2; a[i] = t + c3*x3``, which
+is the same sequence of FP32 operations as adding them one by one (``acc = c_0 x_0``, then
+``acc += c_j x_j``), each a multiply-add rounded to FP32 once (a fused multiply-add where the CPU has
+one, as torch's ``add_(x, alpha=c)`` does), so the accumulator never leaves the registers between
+inputs. Targets are processed two at a time so that each input value is converted once for both.
+
+Inputs are BF16 or FP32 (all inputs of a call the same), outputs BF16 or FP32; BF16 -> FP32 is exact (a
+shift), FP32 -> BF16 rounds to nearest even like torch. Other cases go to the pure-torch path of the
+engine, which computes the same sums.
+
+Install with ``pip install ckpt-ema[fast]``; without numba, :data:`AVAILABLE` is False.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+AVAILABLE = importlib.util.find_spec("numba") is not None  # numba is optional: else the torch kernel runs
+BLOCK = 4096  # elements per block: 2 accumulators + 4 input blocks stay in L1/L2
+GROUP = 4  # inputs added per pass over an accumulator block
+INPUT_KINDS = {"BF16": np.uint16, "F32": np.float32}
+OUTPUT_KINDS = {"BF16": np.uint16, "F32": np.float32}
+
+
+def weighted_sums(addresses: np.ndarray, in_dtype: str, coefs: np.ndarray, n: int, out: np.ndarray) -> int:
+    """``out[k, :n] = round(sum_j coefs[k, j] * input_j[:n])``; returns the count of non-finite sums.
+
+    Args:
+        addresses: int64 (inputs,), the address of each input's first element (kept alive by the caller).
+        in_dtype: ``"BF16"`` or ``"F32"``, the dtype of every input.
+        coefs: float32 (outputs, inputs), C-contiguous.
+        n: elements per input.
+        out: (outputs, >= n) array of uint16 (BF16 bits) or float32.
+    """
+    from ._fused_numba import weighted_sums_kernel
+
+    like = np.empty(0, dtype=INPUT_KINDS[in_dtype])
+    return int(weighted_sums_kernel(addresses, like, coefs, n, out))
