@@ -229,3 +229,42 @@ def test_shard_mappings_are_released_during_the_pass(trainer_run):
         pass
     shards = len(list((root / "checkpoint-300").glob("model-*.safetensors")))
     assert shards > 2 and 0 < most <= 2 * len(STEPS)
+
+
+def test_peft_adapter_checkpoints(tmp_path):
+    """PEFT LoRA under the Trainer: adapter_model.safetensors + adapter_config.json in checkpoint-N/."""
+    from safetensors.torch import save_file
+
+    steps, states = [50, 100, 150], []
+    for step in steps:
+        generator = torch.Generator().manual_seed(step)
+        state = {
+            "base_model.model.h.0.attn.c_attn.lora_A.weight": torch.randn(4, 32, generator=generator),
+            "base_model.model.h.0.attn.c_attn.lora_B.weight": torch.randn(96, 4, generator=generator),
+        }
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA"}))
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        states.append(state)
+    out = tmp_path / "ema"
+    run("merge", tmp_path / "run", "--decay", BETA, "-o", out, "-q")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    expected = ema_reference(steps, states, BETA)
+    for name, tensor in load_file(out / "adapter_model.safetensors").items():
+        assert_close(tensor, expected[name])
+    bad = tmp_path / "run" / "checkpoint-200"
+    bad.mkdir()
+    save_file({k: torch.zeros(8, 32) if "lora_A" in k else torch.zeros(96, 8) for k in states[0]},
+              bad / "adapter_model.safetensors")  # fmt: skip
+    assert "LoRA ranks differ" in run("plan", tmp_path / "run", "--decay", BETA, expect=1).stderr
+
+
+def test_folder_format_needs_folder_checkpoints(tmp_path):
+    from safetensors.torch import save_file
+
+    for step in (1, 2):
+        save_file({"w": torch.ones(2) * step}, tmp_path / f"step-{step}.safetensors")
+    err = run("merge", tmp_path, "--decay", 0.5, "--format", "folder", "-o", tmp_path / "o", expect=1).stderr
+    assert "--format folder: the checkpoints are single files" in err
