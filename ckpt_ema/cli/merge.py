@@ -24,7 +24,7 @@ from .common import plan_from, series_options, user_errors
     "--output",
     required=True,
     type=click.Path(path_type=Path),
-    help="Output file (one target) or folder (several).",
+    help="Output file (one target) or folder (several targets; folder checkpoints give folders).",
 )
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @click.option(
