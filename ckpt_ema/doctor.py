@@ -29,7 +29,7 @@ import torch
 
 from . import kernels
 from .engine import MergePass
-from .errors import InputError, TargetError
+from .errors import InputError, SeriesError, TargetError
 from .plan import OutputPlan, Plan, plan_ema
 from .readers import open_checkpoint
 from .series import Checkpoint, check_compatible, load_series, normalise_keys
@@ -108,6 +108,8 @@ class Checkup:
         self.inputs = [str(i) for i in inputs]
         self.init = str(init) if init is not None else None
         self.checkpoints = checkpoints
+        if ema is not None and len(checkpoints) < 2:
+            raise SeriesError(f"--ema {ema}: comparing with the trainer's EMA needs at least two checkpoints")
         self.trainer = _open_trainer_ema(ema, checkpoints, key, component) if ema is not None else None
         self.decay = target.value if target is not None else None
         self.dtype = dtype or _default_dtype(self.trainer or checkpoints[-1])

@@ -129,13 +129,15 @@ def test_without_a_decay_the_run_and_a_recommendation(stalled_run):
         (["--decay", "1.2"], "--decay 1.2: the decay per step must be in (0, 1)"),
         (["--decay", "0.9", "--ema", "RUN/step-0100.safetensors"], "--ema is also one of the checkpoints"),
         (["--decay", "0.9", "--ema", "MISSING"], "no such file"),
+        (["--decay", "0.9", "--ema", "EMA", "--at-one"], "needs at least two checkpoints"),
     ],
 )
 def test_bad_input(stalled_run, args, message):
     root = stalled_run["root"]
     names = {"EMA": root / "ema.safetensors", "MISSING": root / "nope.safetensors"}
-    args = [str(names.get(a, a)).replace("RUN", str(root / "run")) for a in args]
-    result = CliRunner().invoke(main, ["doctor", str(root / "run"), *args])
+    inputs = [root / "run" / "step-0100.safetensors"] if "--at-one" in args else [root / "run"]
+    args = [str(names.get(a, a)).replace("RUN", str(root / "run")) for a in args if a != "--at-one"]
+    result = CliRunner().invoke(main, ["doctor", *map(str, inputs), *args])
     assert result.exit_code == 1 and message in result.output
 
 

@@ -191,6 +191,7 @@ def test_keep_best_deletes_the_other_candidates(tmp_path, run_dir, score_cmd):
         (["--plot"], "--plot needs --eval"),
         (["--decay", "1.5"], "--decay 1.5: the decay per step must be in (0, 1)"),
         (["--decay", "0.9,0.9"], "target given twice: decay-0.9"),
+        (["--eval", "python eval.py"], "--eval: the command must contain {path}"),
     ],
 )
 def test_bad_sweeps_stop_before_any_output(tmp_path, run_dir, args, message):
@@ -226,7 +227,14 @@ def test_the_score_is_the_last_number_standing_on_its_own(stdout, score):
 def test_a_nan_score_is_a_failure_not_an_earlier_number(tmp_path, run_dir):
     out = tmp_path / "out"
     result = run(
-        "sweep", run_dir, "--decay", "0.99", "-o", out, "--eval", f"{sys.executable} -c \"print('epoch 3 loss nan')\""
+        "sweep",
+        run_dir,
+        "--decay",
+        "0.99",
+        "-o",
+        out,
+        "--eval",
+        f"{sys.executable} -c \"print('epoch 3 loss nan')\" {{path}}",
     )
     assert result.exit_code == 1
     assert "not finite (nan)" in json.loads((out / "sweep.json").read_text())["candidates"][0]["error"]

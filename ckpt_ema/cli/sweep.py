@@ -111,6 +111,8 @@ def sweep(
     """
     if keep == "best" and not eval_command:
         raise click.UsageError("--keep best needs --eval (the scores decide which candidate is best)")
+    if eval_command is not None and "{path}" not in eval_command:
+        raise click.UsageError("--eval: the command must contain {path}, replaced by each candidate's path")
     if plot and not eval_command:
         raise click.UsageError("--plot needs --eval (it plots the scores)")
     if plot:
