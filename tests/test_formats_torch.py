@@ -115,7 +115,9 @@ def test_nested_state_dicts_and_key_choice(tmp_path):
     assert "note        state dict under key 'state_dict'" in run("inspect", tmp_path).stdout
     for key, series in ((None, states), ("state_dict_ema", emas)):
         out = tmp_path.parent / f"{tmp_path.name}-{key}.safetensors"
-        run("merge", tmp_path, "--decay", BETA, "-o", out, "-q", *(["--key", key] if key else []))
+        result = run("merge", tmp_path, "--decay", BETA, "-o", out, "-q", *(["--key", key] if key else []))
+        warned = "3 torch file(s) hold several state dicts; took 'state_dict' (also found 'state_dict_ema'"
+        assert (warned in result.stderr) == (key is None)
         expected = ema_reference(STEPS, series, BETA)
         merged = load_file(out)
         assert_close(merged["net.encoder.weight"], expected["net.encoder.weight"])

@@ -133,6 +133,8 @@ class CheckpointSource:
         self.ignored: list[FileNote] = []
         self.copied: list[str] = []
         self.notes: list[str] = []
+        self.state_dict_key: str | None = None  # torch files: where the state dict was found
+        self.other_keys: list[str] = []  # ... and the other state dicts the file holds, if it was not --key
         self._where: dict[str, tuple[int, str]] = {}  # name -> (file number, stored name)
         self._files: list[WeightFile] = []
         self._tensors: dict[str, TensorInfoLike] = {}

@@ -142,6 +142,8 @@ def open_torch_file(path: Path, key: str | None = None) -> CheckpointSource:
     weight_file, info = torch_weight_file(path, path.name, key)
     top = info.pop("top")
     source = CheckpointSource(path, "torch file (weights_only)", [Part("", [weight_file])])
+    source.state_dict_key = info["key"]  # type: ignore[assignment]
+    source.other_keys = list(info["others"])  # type: ignore[call-overload]
     if info["key"] is not None:
         others = info["others"]
         alt = f"; also found {', '.join(map(repr, others))} (--key to choose)" if others else ""
