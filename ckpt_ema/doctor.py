@@ -312,8 +312,10 @@ def describe_diagnosis(d: Diagnosis) -> list[str]:
         else f"gaps of {d.gaps[0]} to {d.gaps[1]} steps (median {d.spacing:g})"
     )
     lines = [
-        f"run        {len(d.steps)} checkpoints, steps {d.steps[0]} to {d.steps[-1]} ({spacing})"
-        + ("; the base model (--init) is step 0" if d.init else ""),
+        f"run        {len(d.steps) - 1} checkpoints, steps {d.steps[1]} to {d.steps[-1]} ({spacing}), and the base model "
+        "(--init) at step 0"
+        if d.init and len(d.steps) > 1
+        else f"run        {len(d.steps)} checkpoints, steps {d.steps[0]} to {d.steps[-1]} ({spacing})",
         f"           run length {d.run_length} steps",
     ]
     if d.decay is not None and d.half_life is not None:
