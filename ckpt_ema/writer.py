@@ -256,6 +256,7 @@ class SafetensorsWriter:
                 self._file.close()  # type: ignore[union-attr]  (releases the lock: the file is complete)
                 os.replace(self.temp_path, self.path)
             except OSError as exc:
+                self.abort()  # first, so that the free space reported does not count our own file
                 raise self._os_error("cannot finish writing", exc) from None
         except BaseException:
             self.abort()

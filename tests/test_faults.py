@@ -263,7 +263,7 @@ def test_full_tmpfs(tmp_path, early):
     inputs = make_series(tmp_path / "run", tensors=100, size=1024)  # outputs of 400 kB
     disk = tmp_path / "disk"
     disk.mkdir()
-    patch = "" if early else "import ckpt_ema.writer as w; w.free_bytes = lambda folder: 1 << 40; "
+    patch = "" if early else "import ckpt_ema.api as a; a.check_free_space = lambda outputs: None; "
     command = f"{patch}from ckpt_ema.cli import main; main(prog_name='ckpt-ema')"
     args = " ".join(["merge", *map(str, inputs), *TARGET, "-o", str(disk / "ema.safetensors")])
     script = f'mount -t tmpfs -o size=256k tmpfs {disk} && {sys.executable} -c "{command}" {args}; echo "rc=$?"; ls -A {disk}'
@@ -275,7 +275,8 @@ def test_full_tmpfs(tmp_path, early):
         assert "not enough free space: the output needs " in lines[0] and " bytes, 262144 are available" in lines[0]
     else:
         assert "disk full (No space left on device): the output needs " in lines[0]
-        assert lines[0].endswith("are available; temporary file removed")
+        available = int(lines[0].split(" bytes, ")[1].split()[0])
+        assert 0 < available <= 262144 and lines[0].endswith("are available; temporary file removed")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,6 +374,26 @@ def test_inputs_sha256_recorded_in_the_provenance(tmp_path):
     for index, path in enumerate(inputs):
         assert metadata[f"ckpt_ema.input.{index}.path"] == str(path)
         assert metadata[f"ckpt_ema.input.{index}.sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_sharded_folder_checkpoint_records_the_hash_of_its_sha256sum_manifest(tmp_path):
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    for step in STEPS:
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"a.weight": torch.full((4,), float(step))}, str(folder / shards[0]))
+        save_file({"b.weight": torch.full((2,), float(step))}, str(folder / shards[1]))
+        index = {"metadata": {}, "weight_map": {"a.weight": shards[0], "b.weight": shards[1]}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        (folder / "config.json").write_text("{}")
+    out = tmp_path / "out"
+    assert run("merge", tmp_path / "run", *TARGET, "-o", out, "--verify").exit_code == 0
+    with safe_open(str(out / shards[0]), "pt") as f:
+        metadata = f.metadata()
+    first = tmp_path / "run" / "checkpoint-100"
+    manifest = "".join(f"{hashlib.sha256((first / s).read_bytes()).hexdigest()}  {s}\n" for s in shards)
+    # the same as: cd checkpoint-100 && sha256sum model-*.safetensors | sha256sum
+    assert metadata["ckpt_ema.input.0.sha256"] == hashlib.sha256(manifest.encode()).hexdigest()
 
 
 def test_late_metadata_is_written_in_place_in_the_reserved_slot(tmp_path):
