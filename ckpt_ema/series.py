@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import InputError, SeriesError, StepError
 from .readers import CheckpointSource, FileNote, expand_inputs, is_lora_alpha, is_lora_factor, open_checkpoint
-from .steps import StepInfo, detect_step
+from .steps import StepInfo, detect_step, step_from_metadata
 
 NORMALISED_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel wrappers, torch.compile
 
@@ -51,6 +51,16 @@ def checkpoint_stem(path: Path) -> str:
     return path.name if path.is_dir() else path.stem
 
 
+def checkpoint_step(path: Path, source: CheckpointSource) -> StepInfo:
+    """A checkpoint's step from its trainer's records and its name (SPEC §1)."""
+    if source.epoch_numbered and not source.step_records and not step_from_metadata(source.metadata):
+        raise StepError(
+            f"{path}: timm's CheckpointSaver numbers its files by epoch ({source.epoch_numbered}), not by "
+            "optimizer step; pass --steps S0,S1,... (one per input, in the order given) or --per-checkpoint"
+        )
+    return detect_step(str(path), checkpoint_stem(path), source.metadata, source.step_records)
+
+
 def load_series(
     inputs: Sequence[str | os.PathLike],
     steps: Sequence[int] | None = None,
@@ -82,10 +92,7 @@ def load_series(
         infos = [StepInfo(int(step), "--steps") for step in steps]
     else:
         try:
-            infos = [
-                detect_step(str(p), checkpoint_stem(p), src.metadata, src.step_records)
-                for p, src in zip(paths, sources)
-            ]
+            infos = [checkpoint_step(p, src) for p, src in zip(paths, sources)]
         except StepError:
             if not per_checkpoint:
                 raise

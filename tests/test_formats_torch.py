@@ -110,12 +110,15 @@ def test_nested_state_dicts_and_key_choice(tmp_path):
     for step, state, ema in zip(STEPS, states, emas):
         torch.save({"epoch": step // 50, "arch": "mlp", "state_dict": state, "state_dict_ema": ema, "version": 2},
                    tmp_path / f"checkpoint-{step}.pth.tar")  # fmt: skip
+    err = run("plan", tmp_path, "--decay", BETA, expect=1).stderr
+    assert "timm's CheckpointSaver numbers its files by epoch (the file records epoch 1)" in err  # checkpoint-50
     source = readers.open_checkpoint(tmp_path / "checkpoint-50.pth.tar")
     assert source.notes[0] == "state dict under key 'state_dict'; also found 'state_dict_ema' (--key to choose)"
-    assert "note        state dict under key 'state_dict'" in run("inspect", tmp_path).stdout
+    assert "note        state dict under key 'state_dict'" in run("inspect", tmp_path, expect=1).stdout
     for key, series in ((None, states), ("state_dict_ema", emas)):
         out = tmp_path.parent / f"{tmp_path.name}-{key}.safetensors"
-        result = run("merge", tmp_path, "--decay", BETA, "-o", out, "-q", *(["--key", key] if key else []))
+        key_option = ["--key", key] if key else []
+        result = run("merge", tmp_path, "--decay", BETA, "-o", out, "-q", "--steps", "50,100,150", *key_option)
         warned = "3 torch file(s) hold several state dicts; took 'state_dict' (also found 'state_dict_ema'"
         assert (warned in result.stderr) == (key is None)
         expected = ema_reference(STEPS, series, BETA)

@@ -12,8 +12,7 @@ import click
 
 from ..errors import CkptEmaError
 from ..readers import CheckpointSource, FileNote, is_lora_alpha, open_checkpoint
-from ..series import checkpoint_stem, discover_inputs, load_series
-from ..steps import detect_step
+from ..series import checkpoint_step, discover_inputs, load_series
 from . import main
 from .common import reader_options, user_errors
 
@@ -21,7 +20,7 @@ from .common import reader_options, user_errors
 def describe_source(source: CheckpointSource) -> dict[str, Any]:
     """A checkpoint's format, step, tensors and files, as plain data (headers only)."""
     try:
-        info = detect_step(str(source.path), checkpoint_stem(source.path), source.metadata, source.step_records)
+        info = checkpoint_step(source.path, source)
         step: dict[str, Any] = {"step": info.step, "source": info.source, "ambiguous": info.ambiguous}
     except CkptEmaError as exc:
         step = {"step": None, "error": str(exc)}

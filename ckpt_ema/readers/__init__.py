@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def open_checkpoint(
 
 def expand_inputs(inputs: Sequence[str | os.PathLike], skipped: list[FileNote] | None = None) -> list[Path]:
     """INPUT arguments to checkpoints: files and checkpoint folders as given; a folder holding a series
-    to its checkpoint files or checkpoint folders (not both), in name order.
+    to its checkpoint files or checkpoint folders (not both), in natural name order (``step-9`` before
+    ``step-10``; ``--steps`` follows this order).
 
     A training output folder that holds ``checkpoint-N/`` (or OneTrainer ``-backup-``) folders is a series
     even when the final model was saved beside them; kohya's ``-state`` resume folders beside the saved
@@ -71,7 +73,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], skipped: list[FileNote] |
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            children = sorted(path.iterdir())
+            children = sorted(path.iterdir(), key=_natural)  # step-9 before step-10 (and for --steps)
             numbered = [p for p in children if p.is_dir() and CHECKPOINT_FOLDER_NAME.search(p.name)]
             if is_checkpoint_folder(path) and not numbered:
                 found.append(path)
@@ -120,3 +122,8 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], skipped: list[FileNote] |
         file = next(p for p in found if not p.is_dir())
         raise InputError(f"{folder} is a folder checkpoint but {file} is a file; a series cannot mix them")
     return found
+
+
+def _natural(path: Path) -> list[object]:
+    """Name order with digit runs compared as numbers."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", path.name)]

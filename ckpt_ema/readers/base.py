@@ -135,6 +135,7 @@ class CheckpointSource:
         self.notes: list[str] = []
         self.state_dict_key: str | None = None  # torch files: where the state dict was found
         self.other_keys: list[str] = []  # ... and the other state dicts the file holds, if it was not --key
+        self.epoch_numbered = ""  # set when the trainer numbers files by epoch (timm): the name is no step
         self._where: dict[str, tuple[int, str]] = {}  # name -> (file number, stored name)
         self._files: list[WeightFile] = []
         self._tensors: dict[str, TensorInfoLike] = {}

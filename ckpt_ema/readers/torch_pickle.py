@@ -157,6 +157,9 @@ def open_torch_file(path: Path, key: str | None = None) -> CheckpointSource:
         if isinstance(step, int) and not isinstance(step, bool):
             label = "Lightning 'global_step'" if "pytorch-lightning_version" in top else "'global_step' in the file"
             source.step_records.append((label, step))
+        epoch = top.get("epoch")
+        if "arch" in top and isinstance(epoch, int) and "global_step" not in top:  # timm CheckpointSaver
+            source.epoch_numbered = f"the file records epoch {epoch}"
         if "pytorch-lightning_version" in top:
             source.format = f"Lightning checkpoint {top['pytorch-lightning_version']}, key {info['key']!r}"
     return source
