@@ -33,7 +33,7 @@ class _Stopped(Exception):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def batch(out_root: Path, jobs: int, force: bool, quiet: bool, **options: Any) -> None:
-    """Re-average many runs: each RUN_DIR (given as INPUTS) is a series of checkpoints, and its EMAs go to
+    """Re-average many runs: each RUN_DIR is a series of checkpoints, and its EMAs go to
     OUT_ROOT/<run name>/<target>.safetensors.
 
     Target options take comma lists and can be repeated. A run that fails (a corrupt file, no steps, ...)
@@ -94,6 +94,11 @@ def batch(out_root: Path, jobs: int, force: bool, quiet: bool, **options: Any) -
     failed = [t for t in tasks if t.error is not None]
     if failed:
         raise click.ClickException(f"{len(failed)} of {len(tasks)} runs failed: {', '.join(t.name for t in failed)}")
+
+
+for _param in batch.params:  # the shared INPUTS argument: here each one is a run folder
+    if _param.name == "inputs":
+        _param.metavar = "RUN_DIR..."
 
 
 def describe_batch(tasks: list[RunTask], out_root: Path) -> list[str]:
