@@ -68,6 +68,11 @@ def writes_folder(plan: Plan, fmt: str | None) -> bool:
 def folder_output_paths(plan: Plan, output: str | os.PathLike, force: bool) -> list[Path]:
     """``output`` itself for one target, ``output/NAME/`` for several; never an input or a folder holding one."""
     out = Path(output)
+    if out.suffix.lower() == ".safetensors":
+        raise OutputError(
+            f"{out}: the checkpoints are folders ({plan.newest.path.name}), so the EMA is a folder like them; "
+            "give a folder name, or pass --format safetensors for one file"
+        )
     paths = [out / o.name for o in plan.outputs] if len(plan.outputs) > 1 else [out]
     inputs = [c.path.resolve() for c in plan.checkpoints + plan.ignored]
     for path in paths:

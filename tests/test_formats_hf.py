@@ -130,6 +130,8 @@ def test_inspect_lists_steps_and_ignored_files(trainer_run):
 def test_folder_output_is_atomic_and_never_replaces_an_input(trainer_run, tmp_path, monkeypatch):
     root, _ = trainer_run
     run("merge", root, "--decay", BETA, "-o", root / "checkpoint-300", "--force", expect=1)
+    err = run("merge", root, "--decay", BETA, "-o", tmp_path / "ema.safetensors", expect=1).stderr
+    assert "so the EMA is a folder like them; give a folder name, or pass --format safetensors" in err
     out = tmp_path / "ema"
     out.mkdir()
     (out / "old.txt").write_text("old")
