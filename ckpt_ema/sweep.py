@@ -68,10 +68,14 @@ def candidates_from_plan(plan: Plan, paths: Sequence[Path]) -> list[Candidate]:
     result = []
     for output, path in zip(plan.outputs, paths):
         eq = plan.equivalents(output)
-        sigma_rel = output.params.get("sigma_rel") if output.method == "power" else eq.get("sigma_rel")
+        # a power target's (or a reconstruction's) own sigma_rel; a classic target's equivalent
+        sigma_rel = output.params.get("sigma_rel", eq.get("sigma_rel"))
         if sigma_rel is not None and not 0.0 < sigma_rel < kernels.SIGMA_REL_MAX:
             sigma_rel = None
-        result.append(Candidate(output.name, Path(path), output, eq.get("half_life"), sigma_rel))
+        half_life = eq.get("half_life", output.params.get("half_life"))
+        if half_life is None and "gamma" in output.params and plan.target_step > 1:  # a reconstructed power EMA
+            half_life = kernels.decay_to_half_life((1.0 - 1.0 / plan.target_step) ** (output.params["gamma"] + 1.0))
+        result.append(Candidate(output.name, Path(path), output, half_life, sigma_rel))
     return result
 
 

@@ -285,3 +285,21 @@ def test_installed_command(tmp_path, run_dir, score_cmd):
     scores = {c["name"]: c["score"] for c in record["candidates"]}
     assert scores["decay-0.999"] == pytest.approx(abs(classic_truth(0.999) - 450), rel=1e-5)
     assert record["best"] == min(scores, key=scores.get)
+
+
+def test_reconstructions_from_ema_snapshots_are_candidates_too(tmp_path):
+    snaps = tmp_path / "snaps"
+    snaps.mkdir()
+    for s in range(100, 1100, 100):
+        for sigma in ("0.050", "0.100"):
+            save_file({"w": torch.full((4,), float(s))}, str(snaps / f"ema-{s:07d}-{sigma}.safetensors"))
+    out = tmp_path / "out"
+    result = run("sweep", snaps, "--tracked-sigma-rel", "0.05,0.1", "--sigma-rel", "0.07,0.12", "-o", out)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "sweep.json").read_text())
+    for candidate, sigma in zip(record["candidates"], (0.07, 0.12)):
+        assert candidate["target"]["method"] == "reconstruction" and candidate["sigma_rel"] == pytest.approx(sigma)
+        # half-life of the power profile's per-step decay at T: (1 - 1/T)^(gamma + 1)
+        decay = (1 - 1 / 1000) ** (gamma_of(sigma) + 1)
+        assert candidate["half_life"] == pytest.approx(np.log(0.5) / np.log(decay), rel=1e-6)
+        assert sum(candidate["coefficients"]) == pytest.approx(1.0, abs=1e-9)
