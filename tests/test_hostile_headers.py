@@ -7,8 +7,10 @@ every tensor lies inside the file, matches its shape and overlaps no other.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -26,7 +28,7 @@ from ckpt_ema.cli import main
 from ckpt_ema.errors import InputError
 from ckpt_ema.safetensors_format import DTYPES, MAX_HEADER_BYTES, MAX_TENSORS, SafetensorsHeader, read_header
 
-FUZZ = settings(max_examples=600, deadline=500, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=600, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
 
 def raw_file(path: Path, header: object | bytes, data: bytes = b"", header_len: int | None = None) -> Path:
@@ -176,7 +178,9 @@ def _check_valid(parsed: SafetensorsHeader) -> None:
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in parsed.metadata.items())
 
 
-FUZZ_FILE = Path(tempfile.mkdtemp(prefix="ckpt-ema-fuzz-")) / "fuzz.safetensors"
+FUZZ_FOLDER = tempfile.mkdtemp(prefix="ckpt-ema-fuzz-")  # one file rewritten per example: fast
+atexit.register(shutil.rmtree, FUZZ_FOLDER, True)
+FUZZ_FILE = Path(FUZZ_FOLDER) / "fuzz.safetensors"
 
 
 def _parse_bytes(content: bytes) -> None:
