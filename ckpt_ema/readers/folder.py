@@ -73,11 +73,10 @@ def _read_json(path: Path) -> object:
 def _weight_file(path: Path, relpath: str) -> WeightFile:
     if path.suffix == ".safetensors":
         return safetensors_weight_file(path, relpath)
-    weight_file, info = torch_weight_file(path, relpath)
-    return weight_file
+    return torch_weight_file(path, relpath)[0]
 
 
-def _scan_part(root: Path, folder: Path, name: str, ignored: list[FileNote]) -> tuple[Part | None, set[str]]:
+def _scan_part(folder: Path, name: str, ignored: list[FileNote]) -> tuple[Part | None, set[str]]:
     """The model in ``folder`` (None if none) and the file names it uses; notes skipped duplicates."""
     rel = f"{name}/" if name else ""
     files = sorted(p for p in folder.iterdir() if p.is_file())
@@ -155,7 +154,7 @@ def open_folder(path: Path, component: Sequence[str] | None = None) -> Checkpoin
     copied: list[str] = []
     parts: list[Part] = []
     step_records: list[tuple[str, int]] = []
-    top_part, used = _scan_part(path, path, "", ignored)
+    top_part, used = _scan_part(path, "", ignored)
     if top_part is not None:
         parts.append(top_part)
     entries = sorted(path.iterdir())
@@ -172,7 +171,7 @@ def open_folder(path: Path, component: Sequence[str] | None = None) -> Checkpoin
             raw = name[: -len("_ema")]
             ignored.append(FileNote(name + "/", f"the trainer's own EMA of {raw}/; the raw {raw}/ is averaged"))
             continue
-        part, part_used = _scan_part(path, entry, name, ignored)
+        part, part_used = _scan_part(entry, name, ignored)
         if part is None:
             copied.append(name + "/")
         else:

@@ -88,9 +88,8 @@ def find_state_dict(path: Path, loaded: object, key: str | None) -> tuple[str | 
             raise InputError(f"{path}: key {key!r} holds no tensors")
         return key, value, []  # type: ignore[return-value]
     candidates = [k for k in STATE_DICT_KEYS if _tensor_count(loaded.get(k))]
-    # nested once more, e.g. {"model": {"module": {...}}} is rare; {"ema": {"module": ...}} not searched
     top = _tensor_count(loaded)
-    if candidates and top <= len(loaded) // 2:
+    if candidates and top <= len(loaded) // 2:  # a checkpoint dict (Lightning, timm), not a state dict
         return candidates[0], loaded[candidates[0]], candidates[1:]  # type: ignore[return-value]
     if top:
         return None, loaded, candidates
