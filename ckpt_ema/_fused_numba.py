@@ -13,6 +13,10 @@ from numba.extending import intrinsic, overload
 
 from .fused import BLOCK, GROUP
 
+# numba's own pthread pool: its OpenMP layer would be a second OpenMP runtime beside torch's, and a signal
+# at the wrong moment then ended the process in std::terminate instead of the clean exit 130/143.
+numba.config.THREADING_LAYER = "workqueue"
+
 
 @intrinsic
 def _pointer(typingctx, address, like):

@@ -10,6 +10,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
+from .. import distributed
 from ..api import MergeJob, output_paths
 from ..plotting import plot_weights, require_matplotlib
 from ..report import describe_output, describe_plan
@@ -51,6 +52,12 @@ def merge(output: Path, force: bool, quiet: bool, fmt: str | None, verify: bool,
       ckpt-ema merge runs/ --half-life 500 --init base.safetensors -o ema.safetensors
     """
     plan = plan_from(options)
+    if distributed.is_distributed():  # under torchrun: this rank's share, as one shard per target
+        flags = {"--verify": verify, "--strict": strict, "--json": options["as_json"], "--format": fmt}
+        if any(flags.values()):
+            raise click.UsageError(f"{', '.join(f for f, on in flags.items() if on)}: not available under torchrun yet")
+        _merge_distributed(plan, output, force, quiet)
+        return
     paths = output_paths(plan, output, force=force, fmt=fmt)
     for warning in () if strict else plan.warnings:  # with --strict, MergeJob refuses them
         click.echo(f"warning: {warning}", err=True)
@@ -78,6 +85,39 @@ def merge(output: Path, force: bool, quiet: bool, fmt: str | None, verify: bool,
     elif not quiet:
         for out, path in zip(plan.outputs, paths):
             click.echo(f"wrote {path}  ({describe_output(plan, out)})")
+
+
+def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool) -> None:
+    """``torchrun ... -m ckpt_ema merge``: see ckpt_ema/distributed.py. Rank 0 draws and reports."""
+    rank, ranks = distributed.world()
+    distributed.init()
+    job, ok = None, False
+    try:
+        for warning in plan.warnings if rank == 0 else ():
+            click.echo(f"warning: {warning}", err=True)
+        job = distributed.ShardedMerge(plan, distributed.output_folders(plan, output, force), _tqdm_warning)
+        bar = tqdm(
+            total=job.total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc=f"merge rank {rank}",
+            file=sys.stderr,
+            disable=True if quiet or rank else None,
+        )
+        with bar:
+            for done in job:
+                bar.update(done)
+        ok = True
+    finally:
+        distributed.finish(job, ok)
+        distributed.shutdown()
+    if rank == 0 and not quiet:
+        for out, folder in zip(plan.outputs, job.folders):
+            click.echo(f"wrote {folder}/ ({ranks} shards + {distributed.INDEX_NAME}; {describe_output(plan, out)})")
+
+
+def _tqdm_warning(message: str) -> None:
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 @main.command("plan")

@@ -1,0 +1,82 @@
+"""Distributed merges (torchrun, gloo on CPU): the shards and index of a 2-process run hold exactly the
+tensors of a single-process run; the split of the tensors between ranks is complete and balanced."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ckpt_ema.distributed import INDEX_NAME, split_tensors, tensor_bytes
+from ckpt_ema.plan import TensorPlan
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+def test_split_is_complete_balanced_and_in_plan_order():
+    rng = np.random.default_rng(1)
+    tensors = [TensorPlan(f"t{i:03d}", (int(n),), True, "BF16") for i, n in enumerate(rng.integers(1, 10_000, 200))]
+    for ranks in (1, 2, 3, 7):
+        shares = split_tensors(tensors, ranks)
+        assert sorted(t.name for share in shares for t in share) == [t.name for t in tensors]
+        for share in shares:
+            assert [t.name for t in share] == sorted(t.name for t in share)  # plan order kept
+        loads = [sum(tensor_bytes(t) for t in share) for share in shares]
+        assert max(loads) - min(loads) <= max(tensor_bytes(t) for t in tensors)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
+def test_two_processes_write_the_same_tensors_as_one(tmp_path):
+    series = tmp_path / "run"
+    series.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"a.bias": (70,), "a.weight": (300, 70), "b.weight": (5000,), "c.norm": (1234,), "d.big": (40_000,)}
+    for step in (100, 200, 300, 400, 500):
+        tensors = {n: torch.randn(s, generator=generator).to(torch.bfloat16) for n, s in shapes.items()}
+        tensors["counter"] = torch.tensor([step])
+        save_file(tensors, str(series / f"step-{step}.safetensors"))
+    targets = ["--decay", "0.99", "--sigma-rel", "0.1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    single = subprocess.run(
+        [sys.executable, "-m", "ckpt_ema", "merge", str(series), *targets, "-o", str(tmp_path / "one"), "-q"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert single.returncode == 0, single.stderr
+    command = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "ckpt_ema", "merge", str(series)]
+    sharded = subprocess.run(
+        [*command, *targets, "-o", str(tmp_path / "two"), "-q"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert sharded.returncode == 0, sharded.stderr
+    for name in ("decay-0.99", "sigma_rel-0.1"):
+        expected = load_file(tmp_path / "one" / f"{name}.safetensors")
+        folder = tmp_path / "two" / name
+        index = json.loads((folder / INDEX_NAME).read_text())
+        assert sorted(index["weight_map"]) == sorted(expected)
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())
+        assert sorted(p.name for p in folder.glob("*.safetensors")) == [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        ]
+        got = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            part = load_file(folder / shard)
+            assert all(index["weight_map"][k] == shard for k in part)
+            got.update(part)
+            with safe_open(str(folder / shard), "pt") as f:
+                assert f.metadata()["ckpt_ema.target"] == name
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+    shutil.rmtree(tmp_path / "two")
