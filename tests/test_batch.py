@@ -105,6 +105,7 @@ def test_finished_outputs_are_skipped_only_missing_targets_are_computed(tmp_path
 
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_an_interrupted_batch_is_resumed_by_running_it_again(tmp_path, runs, monkeypatch, jobs):
+    monkeypatch.setenv("CKPT_EMA_KERNEL", "torch")  # so that --jobs 2 runs threads
     out = tmp_path / "ema"
     real_execute = batch_cli.execute
 
@@ -126,7 +127,9 @@ def test_an_interrupted_batch_is_resumed_by_running_it_again(tmp_path, runs, mon
     assert all((out / name / "decay-0.99.safetensors").is_file() for name in OFFSETS)
 
 
-def test_jobs_give_the_same_files(tmp_path, runs):
+@pytest.mark.parametrize("kernel", ["torch", "auto"])
+def test_jobs_give_the_same_files(tmp_path, runs, kernel, monkeypatch):
+    monkeypatch.setenv("CKPT_EMA_KERNEL", kernel)  # torch: runs in threads; auto: numba's kernel, runs in turn
     assert run("batch", *runs, "--sigma-rel", "0.05,0.1", "-o", tmp_path / "one").exit_code == 0
     assert run("batch", *runs, "--sigma-rel", "0.05,0.1", "-o", tmp_path / "two", "--jobs", "2").exit_code == 0
     for name in OFFSETS:

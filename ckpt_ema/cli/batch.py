@@ -13,6 +13,7 @@ import click
 from tqdm import tqdm
 
 from ..batch import RunTask, execute, prepare, run_tasks
+from ..engine import choose_kernel
 from ..targets import parse_targets
 from . import main
 from .common import series_options, user_errors
@@ -74,6 +75,11 @@ def batch(out_root: Path, jobs: int, force: bool, quiet: bool, **options: Any) -
             if task.error:
                 tqdm.write(f"{task.name}: failed: {task.error}", file=sys.stderr)
 
+        if jobs > 1 and choose_kernel() == "fused" and len(pending) > 1:
+            # numba's kernel already runs on every core, and its thread pool cannot be entered from two
+            # threads at once: the runs go one after another (on 2 cores about as fast as threads + torch kernel)
+            click.echo(f"note: --jobs {jobs}: the fused kernel uses every core already; runs are computed in turn", err=True)  # fmt: skip
+            jobs = 1
         if jobs == 1:
             for task in pending:
                 run(task)
