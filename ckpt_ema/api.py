@@ -98,7 +98,7 @@ def output_paths(plan: Plan, output: str | os.PathLike, force: bool = False, fmt
     Folder checkpoints give folder outputs (``output``, or ``output/NAME/``) unless ``fmt="safetensors"``.
     """
     if layouts.writes_folder(plan, fmt):
-        return layouts.folder_output_paths(plan, output, force)
+        return _outside_checkpoint_folders(plan, layouts.folder_output_paths(plan, output, force))
     out = Path(output)
     as_folder = len(plan.outputs) > 1 or out.is_dir() or str(output).endswith(os.sep)
     paths = [out / f"{o.name}{SUFFIX}" for o in plan.outputs] if as_folder else [out]
@@ -111,6 +111,17 @@ def output_paths(plan: Plan, output: str | os.PathLike, force: bool = False, fmt
             raise OutputError(f"{path}: is an input ({input_ids[_file_id(path)]}); choose another output")
         if path.exists() and not force:
             raise OutputError(f"{path}: already exists; pass --force to replace it")
+    return _outside_checkpoint_folders(plan, paths)
+
+
+def _outside_checkpoint_folders(plan: Plan, paths: list[Path]) -> list[Path]:
+    """Refuse outputs inside a folder checkpoint of the series: an input is never added to."""
+    folders = [c.path.resolve() for c in plan.checkpoints + plan.ignored if c.path.is_dir()]
+    for path in paths:
+        resolved = path.resolve()
+        for folder in folders:
+            if folder in resolved.parents:
+                raise OutputError(f"{path}: is inside the checkpoint folder {folder}; choose another output")
     return paths
 
 

@@ -31,6 +31,7 @@ from .safetensors_format import DTYPES, TensorInfo
 BLOCK = 8 << 20  # bytes per read; a multiple of every element size
 SPIKE_FACTOR = 10.0  # a checkpoint whose weight norm jumps this much from the previous one is suspicious
 HASH_WIDTH = 64
+IDLE_SECONDS = 0.5
 
 
 def sha256_key(index: int) -> str:
@@ -84,9 +85,9 @@ class InputHasher:
         self._queue: queue.Queue[tuple[int, int]] = queue.Queue()
         self._error: BaseException | None = None
         self._cancelled = threading.Event()
-        count = threads or max(1, min(4, (os.cpu_count() or 2) // 2, len(self._files)))
-        for _ in range(count):
-            threading.Thread(target=self._work, name="ckpt-ema-hash", daemon=True).start()
+        # Threads start with work and end after IDLE_SECONDS without any, so none outlives the job.
+        self._threads = threads or max(1, min(4, (os.cpu_count() or 2) // 2, len(self._files)))
+        self._alive = 0
 
     def paced_plan(self) -> Plan:
         """``plan`` whose sources move the hashers forward whenever the engine reads a tensor."""
@@ -104,6 +105,10 @@ class InputHasher:
                 return
             state.scheduled = True
         self._queue.put(key)
+        with self._lock:
+            if self._alive < self._threads:
+                self._alive += 1
+                threading.Thread(target=self._work, name="ckpt-ema-hash", daemon=True).start()
 
     def finish(self) -> dict[int, str]:
         """Hash what is left, wait, and return the SHA-256 (hex) of each checkpoint in ``hashed``.
@@ -128,13 +133,24 @@ class InputHasher:
         return digests
 
     def cancel(self) -> None:
-        """Stop the threads at their next block (after an error or an interruption)."""
+        """Stop the threads at their next block (after an error or an interruption); close the files."""
         self._cancelled.set()
+        with self._lock:
+            for state in self._files.values():
+                if not state.scheduled:  # a scheduled file is closed by its thread
+                    self._close(state)
 
     def _work(self) -> None:
         buffer = bytearray(BLOCK)
         while True:
-            key = self._queue.get()
+            try:
+                key = self._queue.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:  # advance() puts before it counts threads, under this lock
+                    if self._queue.empty():
+                        self._alive -= 1
+                        return
+                continue
             state = self._files[key]
             try:
                 while not self._cancelled.is_set():
@@ -151,7 +167,8 @@ class InputHasher:
                 self._cancelled.set()
             finally:
                 if self._cancelled.is_set() or state.cursor >= state.size:
-                    self._close(state)
+                    with self._lock:
+                        self._close(state)
                 self._queue.task_done()
 
     def _step(self, checkpoint: int, state: _FileState, buffer: bytearray) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -340,6 +341,30 @@ def test_existing_output_is_kept_without_force_and_replaced_with_it(tmp_path):
     assert load_file(out).keys() == load_file(inputs[0]).keys()
 
 
+def make_folder_series(root: Path) -> Path:
+    """Hugging Face style ``checkpoint-N/`` folders, two shards each, values = step."""
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    for step in STEPS:
+        folder = root / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({"a.weight": torch.full((4,), float(step))}, str(folder / shards[0]))
+        save_file({"b.weight": torch.full((2,), float(step))}, str(folder / shards[1]))
+        index = {"metadata": {}, "weight_map": {"a.weight": shards[0], "b.weight": shards[1]}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        (folder / "config.json").write_text("{}")
+    return root
+
+
+@pytest.mark.parametrize("output, fmt", [("ema.safetensors", "safetensors"), ("ema", "folder")])
+def test_output_inside_a_checkpoint_folder_is_refused(tmp_path, output, fmt):
+    run_folder = make_folder_series(tmp_path / "run")
+    inside = run_folder / "checkpoint-300" / output
+    before = sorted(p.name for p in inside.parent.iterdir())
+    line = one_error_line(run("merge", run_folder, *TARGET, "--format", fmt, "-o", inside))
+    assert line == f"Error: {inside}: is inside the checkpoint folder {inside.parent.resolve()}; choose another output"
+    assert sorted(p.name for p in inside.parent.iterdir()) == before
+
+
 def test_stale_temporaries_removed_but_not_live_ones_nor_links(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -380,14 +405,7 @@ def test_inputs_sha256_recorded_in_the_provenance(tmp_path):
 
 def test_a_sharded_folder_checkpoint_records_the_hash_of_its_sha256sum_manifest(tmp_path):
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-    for step in STEPS:
-        folder = tmp_path / "run" / f"checkpoint-{step}"
-        folder.mkdir(parents=True)
-        save_file({"a.weight": torch.full((4,), float(step))}, str(folder / shards[0]))
-        save_file({"b.weight": torch.full((2,), float(step))}, str(folder / shards[1]))
-        index = {"metadata": {}, "weight_map": {"a.weight": shards[0], "b.weight": shards[1]}}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-        (folder / "config.json").write_text("{}")
+    make_folder_series(tmp_path / "run")
     out = tmp_path / "out"
     assert run("merge", tmp_path / "run", *TARGET, "-o", out, "--verify").exit_code == 0
     with safe_open(str(out / shards[0]), "pt") as f:
@@ -502,3 +520,22 @@ def test_strict_turns_warnings_into_errors_and_writes_nothing(tmp_path, hazard):
     }[hazard]
     assert line.startswith(expected), line
     assert list(out.parent.iterdir()) == []
+
+
+def test_no_thread_or_file_outlives_a_job(tmp_path):
+    import threading
+
+    def files_open_in(folder: Path) -> list[str]:
+        targets = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return [t for t in targets if t.startswith(str(folder))]
+
+    inputs = make_series(tmp_path / "run", scale={400: 50.0})
+    assert run("merge", *inputs, *TARGET, "-o", tmp_path / "a.safetensors").exit_code == 0
+    assert run("merge", *inputs, *TARGET, "-o", tmp_path / "b.safetensors", "--strict").exit_code == 1  # aborted
+    assert wait_for(lambda: not any(t.name == "ckpt-ema-hash" for t in threading.enumerate()), 5)
+    gc.collect()  # the readers' memory maps (each holds a descriptor) go with the plan
+    if os.path.isdir("/proc/self/fd"):
+        assert files_open_in(tmp_path) == []
