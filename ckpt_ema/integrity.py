@@ -86,7 +86,7 @@ class InputHasher:
         self._error: BaseException | None = None
         self._cancelled = threading.Event()
         # Threads start with work and end after IDLE_SECONDS without any, so none outlives the job.
-        self._threads = threads or max(1, min(4, (os.cpu_count() or 2) // 2, len(self._files)))
+        self._threads = threads or max(1, min(4, os.cpu_count() or 1, len(self._files)))
         self._alive = 0
 
     def paced_plan(self) -> Plan:
