@@ -70,7 +70,7 @@ def describe_output(plan: Plan, output: OutputPlan) -> str:
     else:
         parts.append(output.method)
     if "half_life_checkpoints" in eq:
-        parts.append(f"{eq['half_life_checkpoints']:.3g} checkpoints")
+        parts.append(f"half-life = {eq['half_life_checkpoints']:.3g} x checkpoint spacing")
     if output.method == "classic" and eq.get("sigma_rel", 1.0) < kernels.SIGMA_REL_MAX:
         parts.append(f"~ sigma_rel {eq['sigma_rel']:.3g}")
     first = "init" if plan.checkpoints[0].is_init else "first checkpoint"
