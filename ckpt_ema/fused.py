@@ -1,12 +1,13 @@
 """The fused kernel (optional, needs numba): read, upcast and accumulate every target while in cache.
 
-One call computes ``out[k, i] = round(sum_j c[k, j] * x_j[i])`` for a run of elements of every input, in
-blocks of ``BLOCK`` elements spread over the CPU cores. For each block and each target, the inputs are
-added in step order, four at a time: ``t = a[i] + c0*x0; t += c1*x1; t += c2*x2; a[i] = t + c3*x3``, which
-is the same sequence of FP32 operations as adding them one by one (``acc = c_0 x_0``, then
-``acc += c_j x_j``), each a multiply-add rounded to FP32 once (a fused multiply-add where the CPU has
-one, as torch's ``add_(x, alpha=c)`` does), so the accumulator never leaves the registers between
-inputs. Targets are processed two at a time so that each input value is converted once for both.
+One call computes ``out[k, i] = round(sum_j c[k, j] * x_j[i])`` for a run of elements of every input,
+in blocks of 16384 elements spread over the CPU cores (``_fused_numba.py`` holds the numba code). For
+each block and each target, the inputs are added in step order, four at a time:
+``t = a[i] + c0*x0; t += c1*x1; t += c2*x2; a[i] = t + c3*x3``, which is the same sequence of FP32
+operations as adding them one by one (``acc = c_0 x_0``, then ``acc += c_j x_j``), each a multiply-add
+rounded to FP32 once (a fused multiply-add where the CPU has one, as torch's ``add_(x, alpha=c)`` does),
+while the accumulator stays in registers across the four inputs. Targets are processed two at a time so
+that each input value is converted once for both.
 
 Inputs are BF16 or FP32 (all inputs of a call the same), outputs BF16 or FP32; BF16 -> FP32 is exact (a
 shift), FP32 -> BF16 rounds to nearest even like torch. Other cases go to the pure-torch path of the
@@ -22,8 +23,6 @@ import importlib.util
 import numpy as np
 
 AVAILABLE = importlib.util.find_spec("numba") is not None  # numba is optional: else the torch kernel runs
-BLOCK = 4096  # elements per block: 2 accumulators + 4 input blocks stay in L1/L2
-GROUP = 4  # inputs added per pass over an accumulator block
 INPUT_KINDS = {"BF16": np.uint16, "F32": np.float32}
 OUTPUT_KINDS = {"BF16": np.uint16, "F32": np.float32}
 

@@ -16,8 +16,8 @@ from ckpt_ema import fused, plan_merge
 from ckpt_ema.engine import MemorySink, MergePass
 
 KERNELS = ["torch"] + (["fused"] if fused.AVAILABLE else [])
-# Odd sizes on purpose: 1 element, vector-width remainders, a tensor larger than a fused block (4096).
-SHAPES = {"a.bias": (1,), "a.weight": (7, 3), "b.norm": (33,), "b.weight": (130, 37), "c.big": (9000,)}
+# Odd sizes on purpose: 1 element, vector-width remainders, spans longer than a fused block (16384 elements).
+SHAPES = {"a.bias": (1,), "a.weight": (7, 3), "b.norm": (33,), "b.weight": (130, 37), "c.big": (40_000,)}
 MANTISSA_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
 TARGETS = {"decay": [0.9, 0.99], "sigma_rel": [0.1], "gamma": [3.0]}
 
