@@ -172,16 +172,93 @@ def _add_inputs(addresses, like, coefs, k, k1, lo, m, a, b):
 
 
 @numba.njit(fastmath={"contract"}, inline="always")
-def _block(addresses, like, coefs, lo, m, out, a, b):
-    """One block of every target, two targets at a time (each input value converted once per pair)."""
+def _add_inputs4(addresses, like, coefs, k, lo, m, acc):
+    """Accumulate every input into ``acc[0..3]`` (targets ``k .. k+3``), four inputs at a time."""
+    n_in = coefs.shape[1]
+    step = like.itemsize
+    a, b, c, d = acc[0], acc[1], acc[2], acc[3]
+    j = 0
+    while j + GROUP <= n_in:
+        s0 = numba.carray(_pointer(addresses[j] + step * lo, like), m)
+        s1 = numba.carray(_pointer(addresses[j + 1] + step * lo, like), m)
+        s2 = numba.carray(_pointer(addresses[j + 2] + step * lo, like), m)
+        s3 = numba.carray(_pointer(addresses[j + 3] + step * lo, like), m)
+        a0, a1, a2, a3 = coefs[k, j], coefs[k, j + 1], coefs[k, j + 2], coefs[k, j + 3]
+        b0, b1, b2, b3 = coefs[k + 1, j], coefs[k + 1, j + 1], coefs[k + 1, j + 2], coefs[k + 1, j + 3]
+        c0, c1, c2, c3 = coefs[k + 2, j], coefs[k + 2, j + 1], coefs[k + 2, j + 2], coefs[k + 2, j + 3]
+        d0, d1, d2, d3 = coefs[k + 3, j], coefs[k + 3, j + 1], coefs[k + 3, j + 2], coefs[k + 3, j + 3]
+        if j == 0:  # separate loops: a select between c*x and acc + c*x would stop the fused multiply-add
+            for i in range(m):
+                x0, x1, x2, x3 = _f32(s0[i]), _f32(s1[i]), _f32(s2[i]), _f32(s3[i])
+                ta, tb, tc, td = a0 * x0, b0 * x0, c0 * x0, d0 * x0
+                ta += a1 * x1
+                tb += b1 * x1
+                tc += c1 * x1
+                td += d1 * x1
+                ta += a2 * x2
+                tb += b2 * x2
+                tc += c2 * x2
+                td += d2 * x2
+                a[i] = ta + a3 * x3
+                b[i] = tb + b3 * x3
+                c[i] = tc + c3 * x3
+                d[i] = td + d3 * x3
+        else:
+            for i in range(m):
+                x0, x1, x2, x3 = _f32(s0[i]), _f32(s1[i]), _f32(s2[i]), _f32(s3[i])
+                ta = a[i] + a0 * x0
+                tb = b[i] + b0 * x0
+                tc = c[i] + c0 * x0
+                td = d[i] + d0 * x0
+                ta += a1 * x1
+                tb += b1 * x1
+                tc += c1 * x1
+                td += d1 * x1
+                ta += a2 * x2
+                tb += b2 * x2
+                tc += c2 * x2
+                td += d2 * x2
+                a[i] = ta + a3 * x3
+                b[i] = tb + b3 * x3
+                c[i] = tc + c3 * x3
+                d[i] = td + d3 * x3
+        j += GROUP
+    while j < n_in:  # fewer than four inputs left: one at a time
+        s0 = numba.carray(_pointer(addresses[j] + step * lo, like), m)
+        a0, b0, c0, d0 = coefs[k, j], coefs[k + 1, j], coefs[k + 2, j], coefs[k + 3, j]
+        if j == 0:
+            for i in range(m):
+                x0 = _f32(s0[i])
+                a[i], b[i], c[i], d[i] = a0 * x0, b0 * x0, c0 * x0, d0 * x0
+        else:
+            for i in range(m):
+                x0 = _f32(s0[i])
+                a[i] += a0 * x0
+                b[i] += b0 * x0
+                c[i] += c0 * x0
+                d[i] += d0 * x0
+        j += 1
+
+
+@numba.njit(fastmath={"contract"}, inline="always")
+def _block(addresses, like, coefs, lo, m, out, acc):
+    """One block of every target: four targets at a time, then pairs, then one."""
     n_out = coefs.shape[0]
     bad = 0
-    for k in range(0, n_out, 2):
-        k1 = k + 1 if k + 1 < n_out else k
-        _add_inputs(addresses, like, coefs, k, k1, lo, m, a, b)
-        bad += _finish(a, out[k], lo, m)
-        if k1 != k:
-            bad += _finish(b, out[k1], lo, m)
+    k = 0
+    while k < n_out:
+        if n_out - k >= 4:
+            _add_inputs4(addresses, like, coefs, k, lo, m, acc)
+            for q in range(4):
+                bad += _finish(acc[q], out[k + q], lo, m)
+            k += 4
+        else:
+            k1 = k + 1 if k + 1 < n_out else k
+            _add_inputs(addresses, like, coefs, k, k1, lo, m, acc[0], acc[1])
+            bad += _finish(acc[0], out[k], lo, m)
+            if k1 != k:
+                bad += _finish(acc[1], out[k1], lo, m)
+            k += 2 if k1 != k else 1
     return bad
 
 
@@ -191,9 +268,8 @@ def weighted_sums_kernel(addresses, like, coefs, n, out):
     for block in prange((n + BLOCK - 1) // BLOCK):
         lo = block * BLOCK
         m = min(n, lo + BLOCK) - lo
-        a = np.empty(BLOCK, dtype=np.float32)
-        b = np.empty(BLOCK, dtype=np.float32)
-        bad += _block(addresses, like, coefs, lo, m, out, a, b)
+        acc = np.empty((4, BLOCK), dtype=np.float32)
+        bad += _block(addresses, like, coefs, lo, m, out, acc)
     return bad
 
 

@@ -125,3 +125,21 @@ def test_non_finite_input_is_reported(tmp_path, kernel):
     assert len(warnings) == 1 and "'b.weight'" in warnings[0] and "step-600" in warnings[0]
     assert math.isnan(float(sinks[0].state_dict["b.weight"][3, 4]))
     assert bool(torch.isfinite(sinks[0].state_dict["c.big"]).all())
+
+
+@pytest.mark.skipif(not fused.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("n_out", [2, 3, 4, 5, 8])
+def test_fused_targets_in_groups_give_the_same_bytes_as_alone(n_out):
+    """Targets go four, two or one at a time through different loops: each row must not depend on that."""
+    rng = np.random.default_rng(n_out)
+    inputs = [torch.tensor(rng.normal(0, 1, 20_001), dtype=torch.bfloat16) for _ in range(9)]
+    addresses = np.array([x.data_ptr() for x in inputs], dtype=np.int64)
+    coefs = rng.dirichlet(np.ones(9), n_out).astype(np.float32)
+    together = np.empty((n_out, 20_001), dtype=np.float32)
+    fused.weighted_sums(addresses, "BF16", coefs, 20_001, together)
+    for k in range(n_out):
+        alone = np.empty((1, 20_001), dtype=np.float32)
+        fused.weighted_sums(addresses, "BF16", np.ascontiguousarray(coefs[k : k + 1]), 20_001, alone)
+        assert np.array_equal(alone[0], together[k]), k
+        reference = sum(coefs[k, j].astype(np.float64) * inputs[j].double().numpy() for j in range(9))
+        assert np.allclose(together[k], reference, rtol=0, atol=9 * 2.0**-23 * 4.0)
