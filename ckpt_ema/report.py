@@ -22,7 +22,9 @@ def describe_series(plan: Plan) -> list[str]:
         else "one checkpoint"
     )
     kind = "checkpoints"
-    tracked = sorted({kernels.gamma_to_sigma_rel(c.tracked_gamma) for c in plan.checkpoints if c.tracked_gamma is not None})
+    tracked = sorted(
+        {kernels.gamma_to_sigma_rel(c.tracked_gamma) for c in plan.checkpoints if c.tracked_gamma is not None}
+    )
     if tracked:
         kind = f"EMA snapshots of sigma_rel {', '.join(f'{s:.4g}' for s in tracked)}"
     lines = [f"{len(steps)} {kind}, steps {steps[0]} to {steps[-1]} ({spacing}); target step T = {plan.target_step}"]
@@ -58,24 +60,27 @@ def describe_output(plan: Plan, output: OutputPlan) -> str:
     parts = []
     if output.method == "classic":
         parts.append(f"classic EMA, decay {output.params['decay']:.6g} per step")
-        parts.append(f"half-life {eq['half_life']:.4g} steps")
+        parts.append(_half_life(eq))
     elif output.method == "power":
         parts.append(f"power EMA, sigma_rel {output.params['sigma_rel']:.4g}, gamma {output.params['gamma']:.4g}")
         if "half_life" in eq:
-            parts.append(
-                f"at step {plan.target_step} like decay {eq['decay_at_target']:.6g} (half-life {eq['half_life']:.4g} steps)"
-            )
+            parts.append(f"at step {plan.target_step} like decay {eq['decay_at_target']:.6g} ({_half_life(eq)})")
     elif output.method == "reconstruction":  # the first snapshot's share means nothing here
         return f"{output.name}: {_describe_reconstruction(output)}"
     else:
         parts.append(output.method)
-    if "half_life_checkpoints" in eq:
-        parts.append(f"half-life = {eq['half_life_checkpoints']:.3g} x checkpoint spacing")
     if output.method == "classic" and eq.get("sigma_rel", 1.0) < kernels.SIGMA_REL_MAX:
         parts.append(f"~ sigma_rel {eq['sigma_rel']:.3g}")
     first = "init" if plan.checkpoints[0].is_init else "first checkpoint"
     parts.append(f"{first} keeps {eq['first_share']:.2%}")
     return f"{output.name}: " + "; ".join(parts)
+
+
+def _half_life(eq: dict[str, float]) -> str:
+    text = f"half-life {eq['half_life']:.4g} steps"
+    if "half_life_checkpoints" in eq:
+        text += f" = {eq['half_life_checkpoints']:.3g} x checkpoint spacing"
+    return text
 
 
 def describe_plan(plan: Plan) -> str:

@@ -120,7 +120,7 @@ def test_plan_text_shows_steps_coefficients_and_warnings(series):
     out = result.output
     assert "5 checkpoints, steps 100 to 500 (every 100 steps)" in out
     assert "step from name 'step-000100'" in out
-    assert "half-life 692.8 steps; half-life = 6.93 x checkpoint spacing" in out
+    assert "half-life 692.8 steps = 6.93 x checkpoint spacing" in out
     assert "warning: decay-0.999: the first checkpoint (step 100) keeps 70% of the weight" in out
     assert "warning: decay-0.9: the half-life (6.58 steps) is shorter than the spacing" in out
 
