@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[test,fast]"
+	$(PIP) install --quiet -e ".[test,fast,plot]"
 	touch $@
 
 install: $(VENV)/.installed
