@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import layouts
-from .engine import DEFAULT_CHUNK_ELEMENTS, MemorySink, MergePass
+from .engine import MemorySink, MergePass
 from .errors import OutputError, StrictError
 from .integrity import HASH_WIDTH, InputHasher, diverged_checkpoints, sha256_key
 from .plan import Plan, plan_ema
@@ -138,7 +138,7 @@ class MergeJob:
         self,
         plan: Plan,
         paths: Sequence[Path],
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        chunk_elements: int | None = None,  # None: the engine's default for its kernel
         on_warning: Callable[[str], None] | None = None,
         fmt: str | None = None,
         verify: bool = False,
