@@ -7,7 +7,7 @@ then measures, each as the best of ``--repeat`` runs:
 - ``read``: one memory-mapped pass over every input file that touches every value (the limit);
 - ``naive``: ``safetensors.torch.load_file`` on each file, then whole-tensor FP32 accumulation
   (what timm/fairseq averaging scripts and musubi-tuner's post-hoc EMA do; no output written);
-- ``ckpt-ema merge`` with 1 and with 4 targets, through the real CLI (``python -m ckpt_ema``) as a
+- ``ckpt-ema merge`` with 1 and with 4 targets, with and without ``--no-hash``, through the real CLI (``python -m ckpt_ema``) as a
   subprocess, writing its outputs into the temporary folder. ``startup`` is ``ckpt-ema plan`` on the
   same series (Python + torch import, header parsing, planning): the ``pass`` columns subtract it.
   Peak anonymous RSS (``RssAnon`` of the process and its children, sampled every 5 ms from /proc) is
@@ -250,9 +250,14 @@ def bench_size(folder: Path, count: int, size_mb: int, repeat: int, extra: list[
     print("  ckpt-ema ...", file=sys.stderr, flush=True)
     startup, startup_rss = best(repeat, run_cli, ["plan", str(series), *TARGETS_1])
     rows["startup"] = {"seconds": startup, "peak_rss": startup_rss}
-    for label, targets in (("ckpt-ema 1 target", TARGETS_1), ("ckpt-ema 4 targets", TARGETS_4)):
+    runs = [
+        (f"ckpt-ema {n}{suffix}", t, flags)
+        for suffix, flags in (("", []), (" --no-hash", ["--no-hash"]))
+        for n, t in (("1 target", TARGETS_1), ("4 targets", TARGETS_4))
+    ]
+    for label, targets, flags in runs:
         dest = out / ("one.safetensors" if targets is TARGETS_1 else "four")
-        args = ["merge", str(series), *targets, "-o", str(dest), "--force", "-q", *extra]
+        args = ["merge", str(series), *targets, "-o", str(dest), "--force", "-q", *flags, *extra]
         seconds, rss = best(repeat, run_cli, args)
         rows[label] = {"seconds": seconds, "pass_seconds": max(seconds - startup, 1e-9), "peak_rss": rss}
     shutil.rmtree(out, ignore_errors=True)
@@ -278,6 +283,8 @@ def bench_size(folder: Path, count: int, size_mb: int, repeat: int, extra: list[
         "tensors_per_checkpoint": len(layout(size_mb << 20)) + 1,
         "rows": rows,
         "four_over_one": four["pass_seconds"] / one["pass_seconds"],
+        "four_over_one_no_hash": rows["ckpt-ema 4 targets --no-hash"]["pass_seconds"]
+        / rows["ckpt-ema 1 target --no-hash"]["pass_seconds"],
         "engine_four_over_one": engine_ratios,
     }
 
@@ -289,7 +296,7 @@ def print_table(result: dict[str, object]) -> None:
         f"{result['tensors_per_checkpoint']} tensors per checkpoint)"
     )
     header = (
-        f"{'':26} {'wall s':>7} {'pass s':>7} {'GB/s':>6} {'x read':>6} {'naive/x':>7} {'script/x':>8} "
+        f"{'':30} {'wall s':>7} {'pass s':>7} {'GB/s':>6} {'x read':>6} {'naive/x':>7} {'script/x':>8} "
         f"{'peak anon RSS':>13}"
     )
     print(header)
@@ -298,15 +305,19 @@ def print_table(result: dict[str, object]) -> None:
         rss = f"{row['peak_rss'] / 2**20:10.0f} MB" if row.get("peak_rss") is not None else ""
         if label == "startup":
             print(
-                f"{'startup (ckpt-ema plan)':26} {row['seconds']:7.3f} {'':>7} {'':>6} {'':>6} {'':>7} {'':>8} {rss:>13}"
+                f"{'startup (ckpt-ema plan)':30} {row['seconds']:7.3f} {'':>7} {'':>6} {'':>6} {'':>7} {'':>8} {rss:>13}"
             )
             continue
         pass_s = row.get("pass_seconds", row["seconds"])
         print(
-            f"{label:26} {row['seconds']:7.3f} {pass_s:7.3f} {row['gb_per_s']:6.2f} {row['x_read']:6.1f} "
+            f"{label:30} {row['seconds']:7.3f} {pass_s:7.3f} {row['gb_per_s']:6.2f} {row['x_read']:6.1f} "
             f"{row['naive_x']:7.2f} {row['script_x']:8.2f} {rss:>13}"
         )
-    print(f"4 targets / 1 target: ckpt-ema pass {result['four_over_one']:.2f}", end="")
+    print(
+        f"4 targets / 1 target: ckpt-ema pass {result['four_over_one']:.2f}"
+        f" (--no-hash {result['four_over_one_no_hash']:.2f})",
+        end="",
+    )
     for kernel, ratio in result["engine_four_over_one"].items():
         print(f", engine {kernel} {ratio:.2f}", end="")
     print()

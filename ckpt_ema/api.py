@@ -129,9 +129,11 @@ class MergeJob:
     """One pass writing every output of a plan to its file; iterate to run it, then ``commit()``.
 
     Used as a context manager, any error (or interruption) removes all temporary files. Before writing,
-    the outputs must fit in the free space. The inputs' SHA-256 are computed while the pass streams and
-    recorded as ``ckpt_ema.input.N.sha256``. ``verify``: each file is read back and checked before it
-    replaces anything. ``strict``: every warning is an error (``StrictError``) and nothing is written.
+    the outputs must fit in the free space. ``hash_inputs``: the inputs' SHA-256 are computed while the pass
+    streams and recorded as ``ckpt_ema.input.N.sha256`` (with the diverged-checkpoint check, which rides
+    on the same read); off, the pass runs at the engine's speed. ``verify``: each file is read back and
+    checked before it replaces anything. ``strict``: every warning is an error (``StrictError``) and
+    nothing is written.
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class MergeJob:
         fmt: str | None = None,
         verify: bool = False,
         strict: bool = False,
+        hash_inputs: bool = True,
     ) -> None:
         self.paths = list(paths)
         self.plan = plan
@@ -160,8 +163,8 @@ class MergeJob:
                 raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
             remove_stale_temps(folder)
         try:
-            self.hasher = InputHasher(plan)
-            late = {sha256_key(i): HASH_WIDTH for i in self.hasher.hashed}
+            self.hasher = InputHasher(plan) if hash_inputs else None
+            late = {sha256_key(i): HASH_WIDTH for i in self.hasher.hashed} if self.hasher else {}
             options = WriteOptions(verify=verify, late_metadata=late, late_values=self._input_hashes)
             with write_options(options):
                 metadata = [output_metadata(plan, output) for output in plan.outputs]
@@ -171,7 +174,8 @@ class MergeJob:
         except BaseException:
             self.abort()
             raise
-        self.merge_pass = MergePass(self.hasher.paced_plan(), self.writers, chunk_elements, self._warn)
+        paced = self.hasher.paced_plan() if self.hasher else plan
+        self.merge_pass = MergePass(paced, self.writers, chunk_elements, self._warn)
         self.total_bytes = self.merge_pass.total_bytes
 
     def __len__(self) -> int:
@@ -183,9 +187,9 @@ class MergeJob:
     def commit(self) -> list[Path]:
         """Wait for the inputs' hashes, check for diverged checkpoints, then finish and rename each output."""
         try:
-            hasher = self.hasher  # set whenever __init__ returned
-            self._hashes = hasher.finish()  # type: ignore[union-attr]
-            diverged_checkpoints(self.plan, hasher.norms, self._warn)  # type: ignore[union-attr]
+            if self.hasher is not None:
+                self._hashes = self.hasher.finish()
+                diverged_checkpoints(self.plan, self.hasher.norms, self._warn)
             for writer in self.writers:
                 writer.commit()
         except BaseException:

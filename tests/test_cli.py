@@ -329,3 +329,15 @@ def test_installed_command_and_module_entry_point(tmp_path, series):
     assert done.returncode == 1
     assert done.stderr.strip() == f"Error: {tmp_path / 'nope'}: no such file or folder"
     assert "Traceback" not in done.stderr
+
+
+def test_no_hash_skips_the_input_hashes_and_gives_the_same_tensors(tmp_path, series):
+    hashed, plain = tmp_path / "hashed.safetensors", tmp_path / "plain.safetensors"
+    assert run("merge", *series, "--decay", "0.9", "-o", hashed).exit_code == 0
+    assert run("merge", *series, "--decay", "0.9", "--no-hash", "--verify", "-o", plain).exit_code == 0
+    with safe_open(str(hashed), "pt") as f:
+        assert "ckpt_ema.input.0.sha256" in f.metadata()
+    with safe_open(str(plain), "pt") as f:
+        assert not any(k.endswith(".sha256") for k in f.metadata())
+    a, b = load_file(hashed), load_file(plain)
+    assert all(torch.equal(a[k], b[k]) for k in a)

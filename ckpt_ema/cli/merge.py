@@ -41,8 +41,25 @@ from .common import plan_from, series_options, user_errors
     help="Read each output back and check it (tensors, metadata, data, no NaN/Inf) before it replaces anything.",
 )
 @click.option("--strict", is_flag=True, help="Treat every warning (NaN/Inf, diverged checkpoint, ...) as an error.")
+@click.option(
+    "--hash/--no-hash",
+    "hash_inputs",
+    default=True,
+    show_default=True,
+    help="Record each input's SHA-256 (and check for diverged checkpoints) while streaming; "
+    "--no-hash runs at the engine's speed.",
+)
 @user_errors
-def merge(output: Path, force: bool, quiet: bool, fmt: str | None, verify: bool, strict: bool, **options: Any) -> None:
+def merge(
+    output: Path,
+    force: bool,
+    quiet: bool,
+    fmt: str | None,
+    verify: bool,
+    strict: bool,
+    hash_inputs: bool,
+    **options: Any,
+) -> None:
     """Write the EMA of a checkpoint series for each target, in one pass over the files.
 
     \b
@@ -65,7 +82,7 @@ def merge(output: Path, force: bool, quiet: bool, fmt: str | None, verify: bool,
     def warn(message: str) -> None:
         tqdm.write(f"warning: {message}", file=sys.stderr)
 
-    with MergeJob(plan, paths, on_warning=warn, fmt=fmt, verify=verify, strict=strict) as job:
+    with MergeJob(plan, paths, on_warning=warn, fmt=fmt, verify=verify, strict=strict, hash_inputs=hash_inputs) as job:
         with tqdm(
             total=job.total_bytes,
             unit="B",
