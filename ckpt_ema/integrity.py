@@ -88,6 +88,7 @@ class InputHasher:
         # Threads start with work and end after IDLE_SECONDS without any, so none outlives the job.
         self._threads = threads or max(1, min(4, os.cpu_count() or 1, len(self._files)))
         self._alive = 0
+        self._workers: list[threading.Thread] = []
 
     def paced_plan(self) -> Plan:
         """``plan`` whose sources move the hashers forward whenever the engine reads a tensor."""
@@ -108,7 +109,9 @@ class InputHasher:
         with self._lock:
             if self._alive < self._threads:
                 self._alive += 1
-                threading.Thread(target=self._work, name="ckpt-ema-hash", daemon=True).start()
+                worker = threading.Thread(target=self._work, name="ckpt-ema-hash", daemon=True)
+                self._workers.append(worker)
+                worker.start()
 
     def finish(self) -> dict[int, str]:
         """Hash what is left, wait, and return the SHA-256 (hex) of each checkpoint in ``hashed``.
@@ -139,6 +142,11 @@ class InputHasher:
             for state in self._files.values():
                 if not state.scheduled:  # a scheduled file is closed by its thread
                     self._close(state)
+        # Wait for the threads (they stop at their next block, then idle out), so that none is still in
+        # torch code while the interpreter exits after Ctrl-C/SIGTERM ("terminate called without ...").
+        for worker in self._workers:
+            if worker is not threading.current_thread():
+                worker.join(timeout=IDLE_SECONDS + 2.0)
 
     def _work(self) -> None:
         buffer = bytearray(BLOCK)
