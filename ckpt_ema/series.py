@@ -116,8 +116,11 @@ def load_series(
     checkpoints.sort(key=lambda c: c.step)
     for a, b in zip(checkpoints, checkpoints[1:]):
         if a.step == b.step:
+            hint = ""
+            if all(_looks_like_snapshot(c.path) for c in (a, b)):
+                hint = "; if these are EMA snapshots of several profiles, pass --tracked-sigma-rel S0,S1,..."
             raise StepError(
-                f"{a.path} and {b.path} both have step {a.step} ({a.step_info.source}; {b.step_info.source})"
+                f"{a.path} and {b.path} both have step {a.step} ({a.step_info.source}; {b.step_info.source}){hint}"
             )
     if checkpoints[0].step < 0:
         raise StepError(f"{checkpoints[0].path}: negative step {checkpoints[0].step}")
@@ -242,3 +245,8 @@ def _names(names: Sequence[str], limit: int = 8) -> str:
 def natural_key(path: Path) -> list[object]:
     """Sort key that compares the digit runs of a name as numbers (``step-9`` before ``step-10``)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _looks_like_snapshot(path: Path) -> bool:
+    """``NAME-STEP-SIGMA.safetensors`` (EDM2 style) or ema-pytorch's ``INDEX.STEP.pt``."""
+    return bool(re.fullmatch(r".*-\d+-\d*\.\d+\.safetensors|\d+\.\d+\.pt", path.name))

@@ -29,7 +29,9 @@ _LABELLED_PATTERNS = (
     ("name", re.compile(r"(?:^|[^a-z0-9])iter(?:ation)?[-_=]?(\d+)(?![0-9])", re.IGNORECASE)),
 )
 _EPOCH_LABEL = re.compile(r"(?:^|[^a-z0-9])epoch[-_=]?\d+$", re.IGNORECASE)
-_BARE_TRAILING = re.compile(r"(?:^|[-_.])(\d+)$")
+# A bare trailing number: not the decimals of a number such as the sigma_rel in "ema-0001000-0.050".
+_BARE_TRAILING = re.compile(r"(?:^|[-_]|(?<![0-9])\.)(\d+)$")
+_SNAPSHOT_NAME = re.compile(r".*-\d+-\d*\.\d+$")
 
 
 @dataclass(frozen=True)
@@ -84,19 +86,22 @@ def detect_step(
         recorded.append((from_metadata[1], from_metadata[0]))
     if len({step for _, step in recorded}) > 1:
         found = "; ".join(f"{source} says {step}" for source, step in recorded)
-        raise StepError(f"{label}: the trainer's records disagree ({found}); pass --steps to say which is right")
+        raise StepError(f"{label}: the trainer's records disagree ({found}); pass --steps to say which is right, or --per-checkpoint")
     named = step_from_name(stem)
     if recorded:
         source, step = recorded[0]
         if named is not None and not named[2] and named[0] != step:
             raise StepError(
                 f"{label}: the trainer's {source} says step {step} but the {named[1]} says {named[0]}; "
-                "pass --steps to say which is right"
+                "pass --steps to say which is right, or --per-checkpoint"
             )
         return StepInfo(step, source)
     if named is not None:
         return StepInfo(named[0], named[1], named[2])
+    hint = ""
+    if _SNAPSHOT_NAME.fullmatch(stem):
+        hint = "; if it is an EMA snapshot (NAME-STEP-SIGMA), pass --tracked-sigma-rel S0,S1,..."
     raise StepError(
         f"{label}: no step found (no step metadata, no step in the name); pass --steps S0,S1,... "
-        "(one per input, in the order given) or --per-checkpoint"
+        f"(one per input, in the order given) or --per-checkpoint{hint}"
     )

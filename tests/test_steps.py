@@ -56,3 +56,14 @@ def test_record_and_labelled_name_that_disagree_is_an_error_naming_both():
 def test_no_step_found_says_how_to_supply_it():
     with pytest.raises(StepError, match="--steps.*--per-checkpoint"):
         detect_step("final.safetensors", "final", {})
+
+
+def test_decimals_are_not_a_bare_step_and_snapshot_names_get_a_hint():
+    assert step_from_name("ema-0001000-0.050") is None
+    with pytest.raises(StepError, match="--tracked-sigma-rel"):
+        detect_step("ema-0001000-0.050.safetensors", "ema-0001000-0.050", {})
+
+
+def test_disagreement_names_both_ways_out():
+    with pytest.raises(StepError, match="--steps.*--per-checkpoint"):
+        detect_step("step-000100.safetensors", "step-000100", {"global_step": "200"})
