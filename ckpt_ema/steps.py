@@ -86,7 +86,9 @@ def detect_step(
         recorded.append((from_metadata[1], from_metadata[0]))
     if len({step for _, step in recorded}) > 1:
         found = "; ".join(f"{source} says {step}" for source, step in recorded)
-        raise StepError(f"{label}: the trainer's records disagree ({found}); pass --steps to say which is right, or --per-checkpoint")
+        raise StepError(
+            f"{label}: the trainer's records disagree ({found}); pass --steps to say which is right, or --per-checkpoint"
+        )
     named = step_from_name(stem)
     if recorded:
         source, step = recorded[0]

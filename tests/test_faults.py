@@ -187,7 +187,8 @@ def test_sigint_and_sigterm_remove_the_temporary_file(tmp_path, signum, code, wo
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert wait_for(lambda: out.parent.exists() and temps(out.parent) != [], 60)
+        folder = out.parent
+        assert wait_for(lambda: folder.exists() and temps(folder) != [], 60)  # noqa: B023 (called here)
         time.sleep(0.05)
         process.send_signal(signum)
         stdout, stderr = process.communicate(timeout=60)
