@@ -101,6 +101,11 @@ def output_paths(plan: Plan, output: str | os.PathLike, force: bool = False, fmt
         return _outside_checkpoint_folders(plan, layouts.folder_output_paths(plan, output, force))
     out = Path(output)
     as_folder = len(plan.outputs) > 1 or out.is_dir() or str(output).endswith(os.sep)
+    if len(plan.outputs) > 1 and out.suffix == SUFFIX and not out.is_dir():
+        raise OutputError(
+            f"{out}: {len(plan.outputs)} targets are written into a folder, one file each; "
+            f"give a folder (e.g. -o {out.with_suffix('')}/), not a file name"
+        )
     paths = [out / f"{o.name}{SUFFIX}" for o in plan.outputs] if as_folder else [out]
     inputs = [c.path for c in plan.checkpoints + plan.ignored]
     input_ids = {_file_id(p): p for p in inputs}

@@ -260,6 +260,11 @@ def _bad(tmp_path, series):
     def missing_file():
         return [tmp_path / "nope.safetensors", "--decay", "0.9"], "nope.safetensors: no such file or folder"
 
+    def several_targets_to_a_file_name():
+        return [*series, "--decay", "0.9", "--decay", "0.99", "-o", tmp_path / "out" / "ema.safetensors"], (
+            "2 targets are written into a folder, one file each; give a folder"
+        )
+
     def given_twice():
         return [*series, run_dir, "--decay", "0.9"], "given twice"
 
@@ -284,6 +289,7 @@ def _bad(tmp_path, series):
             empty_folder,
             missing_file,
             given_twice,
+            several_targets_to_a_file_name,
         )
     }
 
