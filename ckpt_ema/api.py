@@ -21,7 +21,7 @@ from .errors import OutputError, StrictError
 from .integrity import HASH_WIDTH, InputHasher, diverged_checkpoints, sha256_key
 from .plan import Plan, plan_ema
 from .posthoc import plan_posthoc
-from .series import load_series
+from .series import file_id, load_series
 from .targets import parse_targets
 from .writer import (
     SafetensorsWriter,
@@ -108,12 +108,12 @@ def output_paths(plan: Plan, output: str | os.PathLike, force: bool = False, fmt
         )
     paths = [out / f"{o.name}{SUFFIX}" for o in plan.outputs] if as_folder else [out]
     inputs = [c.path for c in plan.checkpoints + plan.ignored]
-    input_ids = {_file_id(p): p for p in inputs}
+    input_ids = {file_id(p): p for p in inputs}
     for path in paths:
         if path.exists() and path.is_dir():
             raise OutputError(f"{path}: is a folder; give a file name for the output")
-        if path.exists() and _file_id(path) in input_ids:
-            raise OutputError(f"{path}: is an input ({input_ids[_file_id(path)]}); choose another output")
+        if path.exists() and file_id(path) in input_ids:
+            raise OutputError(f"{path}: is an input ({input_ids[file_id(path)]}); choose another output")
         if path.exists() and not force:
             raise OutputError(f"{path}: already exists; pass --force to replace it")
     return _outside_checkpoint_folders(plan, paths)
@@ -267,8 +267,3 @@ def merge_to_state_dict(
     for _ in MergePass(plan, sinks, on_warning=on_warning):
         pass
     return {o.name: sink.state_dict for o, sink in zip(plan.outputs, sinks)}
-
-
-def _file_id(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_dev, stat.st_ino

@@ -226,11 +226,16 @@ def _check_lora_alphas(checkpoints: Sequence[Checkpoint]) -> None:
         ckpt.source.close()
 
 
+def file_id(path: Path) -> tuple[int, int]:
+    """(device, inode): the same for a file, its hard links and symbolic links to it."""
+    stat = path.stat()
+    return stat.st_dev, stat.st_ino
+
+
 def _refuse_repeats(paths: Sequence[Path]) -> None:
     seen: dict[tuple[int, int], Path] = {}
     for path in paths:
-        stat = path.stat()
-        key = (stat.st_dev, stat.st_ino)
+        key = file_id(path)
         if key in seen:
             raise InputError(f"{path}: given twice (also as {seen[key]})")
         seen[key] = path

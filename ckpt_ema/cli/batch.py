@@ -16,8 +16,8 @@ from ..batch import RunTask, execute, prepare, run_tasks
 from ..engine import choose_kernel
 from ..targets import parse_targets
 from . import main
-from .common import series_options, user_errors
-from .sweep import progress_bar, split_target_lists, warn
+from .common import progress_bar, series_options, user_errors, warn
+from .sweep import split_target_lists
 
 
 class _Stopped(Exception):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import click
+from tqdm import tqdm
 
 from ..api import plan_merge
 from ..errors import CkptEmaError
@@ -41,7 +42,29 @@ class NumberList(click.ParamType):
     def convert(self, value: Any, param: Any, ctx: Any) -> list[str]:
         if isinstance(value, list):
             return value
-        return [part for part in str(value).replace(" ", "").split(",") if part]
+        return split_lists([value])
+
+
+def split_lists(values: Iterable[str]) -> list[str]:
+    """Repeated options that may each hold a comma list: ``("0.9,0.95", "0.99")`` -> ``["0.9", "0.95", "0.99"]``."""
+    return [part for value in values for part in str(value).replace(" ", "").split(",") if part]
+
+
+def progress_bar(total: int, desc: str, quiet: bool = False) -> tqdm:
+    """A bytes progress bar on stderr, silent when piped (or with ``quiet``)."""
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=True if quiet else None, file=sys.stderr)
+
+
+def run_pass(job: Iterable[int], total: int, desc: str, quiet: bool = False) -> None:
+    """Run a streaming pass (an iterable of bytes read) under a progress bar."""
+    with progress_bar(total, desc, quiet) as bar:
+        for done in job:
+            bar.update(done)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr that does not break a progress bar."""
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 class _Terminated(Exception):

@@ -10,8 +10,7 @@ import click
 
 from ..doctor import FORMATS, Checkup, describe_diagnosis
 from . import main
-from .common import StepList, reader_options, user_errors
-from .sweep import run_pass
+from .common import StepList, reader_options, run_pass, user_errors
 
 
 def _reader_options(command: Any) -> Any:

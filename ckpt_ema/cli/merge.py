@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from tqdm import tqdm
 
 from .. import distributed
 from ..api import MergeJob, output_paths
 from ..plotting import plot_weights, require_matplotlib
 from ..report import describe_output, describe_plan
 from . import main
-from .common import plan_from, series_options, user_errors
+from .common import plan_from, progress_bar, run_pass, series_options, user_errors, warn
 
 
 @main.command()
@@ -79,20 +77,8 @@ def merge(
     for warning in () if strict else plan.warnings:  # with --strict, MergeJob refuses them
         click.echo(f"warning: {warning}", err=True)
 
-    def warn(message: str) -> None:
-        tqdm.write(f"warning: {message}", file=sys.stderr)
-
     with MergeJob(plan, paths, on_warning=warn, fmt=fmt, verify=verify, strict=strict, hash_inputs=hash_inputs) as job:
-        with tqdm(
-            total=job.total_bytes,
-            unit="B",
-            unit_scale=True,
-            desc="merge",
-            disable=True if quiet else None,
-            file=sys.stderr,
-        ) as bar:
-            for done in job:
-                bar.update(done)
+        run_pass(job, job.total_bytes, "merge", quiet)
         job.commit()
     if options["as_json"]:
         summary = plan.to_json()
@@ -112,16 +98,8 @@ def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool) -> Non
     try:
         for warning in plan.warnings if rank == 0 else ():
             click.echo(f"warning: {warning}", err=True)
-        job = distributed.ShardedMerge(plan, distributed.output_folders(plan, output, force), _tqdm_warning)
-        bar = tqdm(
-            total=job.total_bytes,
-            unit="B",
-            unit_scale=True,
-            desc=f"merge rank {rank}",
-            file=sys.stderr,
-            disable=True if quiet or rank else None,
-        )
-        with bar:
+        job = distributed.ShardedMerge(plan, distributed.output_folders(plan, output, force), warn)
+        with progress_bar(job.total_bytes, f"merge rank {rank}", quiet or rank > 0) as bar:
             for done in job:
                 bar.update(done)
         ok = True
@@ -131,10 +109,6 @@ def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool) -> Non
     if rank == 0 and not quiet:
         for out, folder in zip(plan.outputs, job.folders):
             click.echo(f"wrote {folder}/ ({ranks} shards + {distributed.INDEX_NAME}; {describe_output(plan, out)})")
-
-
-def _tqdm_warning(message: str) -> None:
-    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 @main.command("plan")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,34 +29,13 @@ from ..sweep import (
 )
 from ..targets import KINDS
 from . import main
-from .common import plan_from, series_options, user_errors
-
-
-def split_lists(values: Iterable[str]) -> list[str]:
-    """Repeated options that may each hold a comma list: ``("0.9,0.95", "0.99")`` -> ``["0.9", "0.95", "0.99"]``."""
-    return [part for value in values for part in str(value).replace(" ", "").split(",") if part]
+from .common import plan_from, run_pass, series_options, split_lists, user_errors, warn
 
 
 def split_target_lists(options: dict[str, Any]) -> None:
     """``--decay 0.9,0.99 --decay 0.999`` in place: every target option accepts comma lists and repetition."""
     for kind in KINDS:
         options[kind] = split_lists(options.get(kind) or ())
-
-
-def progress_bar(total: int, desc: str, quiet: bool = False) -> tqdm:
-    """A bytes progress bar on stderr, silent when piped (or with ``quiet``)."""
-    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=True if quiet else None, file=sys.stderr)
-
-
-def run_pass(job: Iterable[int], total: int, desc: str, quiet: bool = False) -> None:
-    """Run a streaming pass (an iterable of bytes read) under a progress bar."""
-    with progress_bar(total, desc, quiet) as bar:
-        for done in job:
-            bar.update(done)
-
-
-def warn(message: str) -> None:
-    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def make_folder(folder: Path) -> None:
