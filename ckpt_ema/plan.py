@@ -208,7 +208,7 @@ def _with_warnings(plan: Plan, targets: Sequence[Target]) -> Plan:
     warnings: list[str] = []
     steps = [c.step for c in plan.checkpoints]
     gaps = [b - a for a, b in zip(steps, steps[1:])]
-    spacing = statistics.median(gaps) if gaps else 0
+    spacing = plan.spacing
     if gaps and max(gaps) > 2 * min(gaps):
         warnings.append(
             f"steps are unevenly spaced (gaps of {min(gaps)} to {max(gaps)} steps): "
