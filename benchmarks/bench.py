@@ -148,7 +148,7 @@ class _NullSink:
 def engine_pass(series: Path, targets: list[str], kernel: str) -> float:
     """The engine alone, in this process: ckpt-ema's MergePass with the outputs discarded."""
     from ckpt_ema import plan_merge
-    from ckpt_ema.engine import MergePass
+    from ckpt_ema.engine.merge_pass import MergePass
 
     options: dict[str, list[float]] = {}
     for flag, value in zip(targets[::2], targets[1::2]):
@@ -240,7 +240,7 @@ def bench_size(folder: Path, count: int, size_mb: int, repeat: int, extra: list[
     print("  naive ...", file=sys.stderr, flush=True)
     rows["naive"] = {"seconds": best(repeat, naive_pass, paths, coefficients)[0]}
     rows["naive, script-style"] = {"seconds": best(repeat, naive_pass, paths, coefficients, False)[0]}
-    from ckpt_ema import fused
+    from ckpt_ema.engine import fused
 
     print("  engine ...", file=sys.stderr, flush=True)
     for kernel in ["torch"] + (["fused"] if fused.AVAILABLE else []):

@@ -2,18 +2,18 @@
 
 __version__ = "0.1.0"
 
-from .api import MergeJob, merge, merge_to_state_dict, output_paths, plan_merge  # noqa: E402
-from .errors import CkptEmaError, InputError, OutputError, SeriesError, StepError, TargetError  # noqa: E402
-from .kernels import (  # noqa: E402
+from ckpt_ema.errors import CkptEmaError, InputError, OutputError, SeriesError, StepError, TargetError  # noqa: E402
+from ckpt_ema.jobs.merge import MergeJob, merge, merge_to_state_dict, output_paths, plan_merge  # noqa: E402
+from ckpt_ema.math.ema import (  # noqa: E402
     classic_coefficients,
     gamma_to_sigma_rel,
     per_checkpoint_coefficients,
     power_coefficients,
     sigma_rel_to_gamma,
 )
-from .plan import Plan, plan_ema  # noqa: E402
-from .series import load_series  # noqa: E402
-from .targets import Target, parse_target, parse_targets  # noqa: E402
+from ckpt_ema.plan.model import Plan, plan_ema  # noqa: E402
+from ckpt_ema.plan.targets import Target, parse_target, parse_targets  # noqa: E402
+from ckpt_ema.series.load import load_series  # noqa: E402
 
 __all__ = [
     "__version__",

@@ -1,6 +1,6 @@
 """``python -m ckpt_ema``: the same as the ``ckpt-ema`` command."""
 
-from .cli import main
+from ckpt_ema.cli import main
 
 if __name__ == "__main__":
     main()

@@ -78,7 +78,7 @@ def train(run_dir: Path) -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tens
 
 
 def main(out_dir: str = "demo-out") -> None:
-    from .cli import main as cli
+    from ckpt_ema.cli import main as cli
 
     out = Path(out_dir)
     shutil.rmtree(out, ignore_errors=True)
@@ -115,8 +115,8 @@ def main(out_dir: str = "demo-out") -> None:
 
 def choose_by_sweep(run_dir: Path, init: Path, out: Path) -> None:
     """What a user does next: ask ``doctor`` why the trainer's EMA stalled, then sweep its proposals."""
-    from .cli import main as cli
-    from .doctor import Checkup
+    from ckpt_ema.cli import main as cli
+    from ckpt_ema.jobs.doctor import Checkup
 
     ema = out / "trainer-ema.safetensors"
     print(f"\n$ ckpt-ema doctor --ema {ema} {run_dir}/ --init {init} --decay 0.999")

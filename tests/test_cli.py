@@ -96,7 +96,7 @@ def test_input_order_does_not_matter(tmp_path, series):
 
 
 def test_plan_json_reads_no_tensor_data(tmp_path, series, monkeypatch):
-    from ckpt_ema import safetensors_format
+    from ckpt_ema.io import safetensors_format
 
     def refuse(self):
         raise AssertionError("plan must not read tensor data")

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ckpt_ema.distributed import INDEX_NAME, split_tensors, tensor_bytes
-from ckpt_ema.plan import TensorPlan
+from ckpt_ema.jobs.distributed import INDEX_NAME, split_tensors, tensor_bytes
+from ckpt_ema.plan.model import TensorPlan
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ckpt_ema import fused, plan_merge
-from ckpt_ema.engine import MemorySink, MergePass
+from ckpt_ema import plan_merge
+from ckpt_ema.engine import fused
+from ckpt_ema.engine.merge_pass import MemorySink, MergePass
 
 KERNELS = ["torch"] + (["fused"] if fused.AVAILABLE else [])
 # Odd sizes on purpose: 1 element, vector-width remainders, spans longer than a fused block (16384 elements).

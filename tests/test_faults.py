@@ -26,9 +26,9 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ckpt_ema import writer
 from ckpt_ema.cli import main
-from ckpt_ema.writer import TEMP_MARKER, SafetensorsWriter, WriteOptions, remove_stale_temps, write_options
+from ckpt_ema.output import writer
+from ckpt_ema.output.writer import TEMP_MARKER, SafetensorsWriter, WriteOptions, remove_stale_temps, write_options
 
 STEPS = [100, 200, 300, 400, 500]
 TARGET = ["--half-life", "100"]  # no plan warning for this series (first share 6%, half-life = spacing)
@@ -274,7 +274,7 @@ def test_full_tmpfs(tmp_path, early):
     inputs = make_series(tmp_path / "run", tensors=100, size=1024)  # outputs of 400 kB
     disk = tmp_path / "disk"
     disk.mkdir()
-    patch = "" if early else "import ckpt_ema.api as a; a.check_free_space = lambda outputs: None; "
+    patch = "" if early else "import ckpt_ema.jobs.merge as a; a.check_free_space = lambda outputs: None; "
     command = f"{patch}from ckpt_ema.cli import main; main(prog_name='ckpt-ema')"
     args = " ".join(["merge", *map(str, inputs), *TARGET, "-o", str(disk / "ema.safetensors")])
     script = f'mount -t tmpfs -o size=256k tmpfs {disk} && {sys.executable} -c "{command}" {args}; echo "rc=$?"; ls -A {disk}'
@@ -425,7 +425,7 @@ def test_a_sharded_folder_checkpoint_records_the_hash_of_its_sha256sum_manifest(
 
 
 def test_late_metadata_is_written_in_place_in_the_reserved_slot(tmp_path):
-    from ckpt_ema.plan import TensorPlan
+    from ckpt_ema.plan.model import TensorPlan
 
     tensors = [TensorPlan("w", (3,), True, "F32")]
     values = {"late.a": "0123456789abcdef", "late.b": "x" * 4}

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckpt_ema import merge, merge_to_state_dict, readers
-from ckpt_ema.safetensors_format import SafetensorsReader
+from ckpt_ema import io as readers
+from ckpt_ema import merge, merge_to_state_dict
+from ckpt_ema.io.safetensors_format import SafetensorsReader
 
 from .formats_reference import assert_close, ema_reference, run
 
@@ -137,7 +138,7 @@ def test_folder_output_is_atomic_and_never_replaces_an_input(trainer_run, tmp_pa
     (out / "old.txt").write_text("old")
     assert "already exists" in run("merge", root, "--decay", BETA, "-o", out, expect=1).stderr
 
-    from ckpt_ema import writer
+    from ckpt_ema.output import writer
 
     calls = {"n": 0}
     original = writer.SafetensorsWriter.write
@@ -210,8 +211,8 @@ def test_shard_mappings_are_released_during_the_pass(trainer_run):
     maps = Path("/proc/self/maps")
     if not maps.exists():
         pytest.skip("needs /proc/self/maps")
-    from ckpt_ema.api import plan_merge
-    from ckpt_ema.engine import MemorySink, MergePass
+    from ckpt_ema.engine.merge_pass import MemorySink, MergePass
+    from ckpt_ema.jobs.merge import plan_merge
 
     def mapped() -> set[str]:
         return {line.split()[-1] for line in maps.read_text().splitlines() if str(root) in line}

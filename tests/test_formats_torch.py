@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ckpt_ema import readers
+from ckpt_ema import io as readers
 
 from .formats_reference import assert_close, ema_reference, run
 

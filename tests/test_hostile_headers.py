@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from ckpt_ema.cli import main
 from ckpt_ema.errors import InputError
-from ckpt_ema.safetensors_format import DTYPES, MAX_HEADER_BYTES, MAX_TENSORS, SafetensorsHeader, read_header
+from ckpt_ema.io.safetensors_format import DTYPES, MAX_HEADER_BYTES, MAX_TENSORS, SafetensorsHeader, read_header
 
 FUZZ = settings(max_examples=600, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ckpt_ema import kernels
+from ckpt_ema.math import ema as kernels
 
 
 def gamma_by_bisection(sigma_rel: float) -> float:

@@ -1,4 +1,4 @@
-"""Tests for ckpt_ema.reconstruct (SPEC §3, §4).
+"""Tests for ckpt_ema.math.reconstruct (SPEC §3, §4).
 
 Every expected value comes from an independent computation written here: published numbers, bisection on
 the sigma_rel formula, brute-force composite Simpson integration of the profile densities, and a
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from ckpt_ema.errors import TargetError
-from ckpt_ema.kernels import gamma_to_sigma_rel, sigma_rel_to_gamma
-from ckpt_ema.reconstruct import (
+from ckpt_ema.math.ema import gamma_to_sigma_rel, sigma_rel_to_gamma
+from ckpt_ema.math.reconstruct import (
     Reconstruction,
     exp_exp_inner,
     exp_power_inner,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ckpt_ema.errors import StepError
-from ckpt_ema.steps import detect_step, step_from_name
+from ckpt_ema.series.steps import detect_step, step_from_name
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from ckpt_ema.cli import main
-from ckpt_ema.sweep import parse_score
+from ckpt_ema.jobs.sweep import parse_score
 
 STEPS = [100, 200, 300, 400, 500]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

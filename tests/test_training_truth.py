@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from ckpt_ema.cli import main
-from tests.training import (
+
+from .training import (
     classic_truth,
     make_model,
     power_truth,

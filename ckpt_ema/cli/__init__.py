@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
+from ckpt_ema import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,8 +16,8 @@ def main() -> None:
     """Post-hoc EMA of training checkpoints: choose the EMA decay after training."""
 
 
-from . import inspect  # noqa: E402, F401, I001  (registers inspect)
-from . import merge  # noqa: E402, F401  (registers merge, plan)
-from . import sweep  # noqa: E402, F401  (registers sweep)
-from . import batch  # noqa: E402, F401  (registers batch)
-from . import doctor  # noqa: E402, F401  (registers doctor)
+from ckpt_ema.cli import inspect  # noqa: E402, F401, I001  (registers inspect)
+from ckpt_ema.cli import merge  # noqa: E402, F401  (registers merge, plan)
+from ckpt_ema.cli import sweep  # noqa: E402, F401  (registers sweep)
+from ckpt_ema.cli import batch  # noqa: E402, F401  (registers batch)
+from ckpt_ema.cli import doctor  # noqa: E402, F401  (registers doctor)

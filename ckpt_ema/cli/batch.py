@@ -12,12 +12,12 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from ..batch import RunTask, execute, prepare, run_tasks
-from ..engine import choose_kernel
-from ..targets import parse_targets
-from . import main
-from .common import progress_bar, series_options, user_errors, warn
-from .sweep import split_target_lists
+from ckpt_ema.cli import main
+from ckpt_ema.cli.common import progress_bar, series_options, user_errors, warn
+from ckpt_ema.cli.sweep import split_target_lists
+from ckpt_ema.engine.merge_pass import choose_kernel
+from ckpt_ema.jobs.batch import RunTask, execute, prepare, run_tasks
+from ckpt_ema.plan.targets import parse_targets
 
 
 class _Stopped(Exception):

@@ -12,9 +12,9 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from ..api import plan_merge
-from ..errors import CkptEmaError
-from ..plan import OUTPUT_DTYPES, Plan
+from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.jobs.merge import plan_merge
+from ckpt_ema.plan.model import OUTPUT_DTYPES, Plan
 
 
 class StepList(click.ParamType):

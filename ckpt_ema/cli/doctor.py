@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from ..doctor import FORMATS, Checkup, describe_diagnosis
-from . import main
-from .common import StepList, reader_options, run_pass, user_errors
+from ckpt_ema.cli import main
+from ckpt_ema.cli.common import StepList, reader_options, run_pass, user_errors
+from ckpt_ema.jobs.doctor import FORMATS, Checkup, describe_diagnosis
 
 
 def _reader_options(command: Any) -> Any:

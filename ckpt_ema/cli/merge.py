@@ -8,12 +8,12 @@ from typing import Any
 
 import click
 
-from .. import distributed
-from ..api import MergeJob, output_paths
-from ..plotting import plot_weights, require_matplotlib
-from ..report import describe_output, describe_plan
-from . import main
-from .common import plan_from, progress_bar, run_pass, series_options, user_errors, warn
+from ckpt_ema.cli import main
+from ckpt_ema.cli.common import plan_from, progress_bar, run_pass, series_options, user_errors, warn
+from ckpt_ema.jobs import distributed
+from ckpt_ema.jobs.merge import MergeJob, output_paths
+from ckpt_ema.report.plots import plot_weights, require_matplotlib
+from ckpt_ema.report.text import describe_output, describe_plan
 
 
 @main.command()

@@ -13,10 +13,11 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from ..api import MergeJob
-from ..errors import OutputError
-from ..plotting import plot_scores, require_matplotlib
-from ..sweep import (
+from ckpt_ema.cli import main
+from ckpt_ema.cli.common import plan_from, run_pass, series_options, split_lists, user_errors, warn
+from ckpt_ema.errors import OutputError
+from ckpt_ema.jobs.merge import MergeJob
+from ckpt_ema.jobs.sweep import (
     SweepResult,
     candidates_from_plan,
     describe_sweep,
@@ -27,9 +28,8 @@ from ..sweep import (
     sweep_json,
     write_json,
 )
-from ..targets import KINDS
-from . import main
-from .common import plan_from, run_pass, series_options, split_lists, user_errors, warn
+from ckpt_ema.plan.targets import KINDS
+from ckpt_ema.report.plots import plot_scores, require_matplotlib
 
 
 def split_target_lists(options: dict[str, Any]) -> None:

@@ -41,9 +41,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from . import fused
-from .plan import Plan, TensorPlan
-from .safetensors_format import DTYPES
+from ckpt_ema.engine import fused
+from ckpt_ema.io.safetensors_format import DTYPES
+from ckpt_ema.plan.model import Plan, TensorPlan
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 18  # torch kernel: 1 MB FP32 chunks stay in L2 (measured best of 2^14..2^20)
 FUSED_CHUNK_ELEMENTS = 1 << 20  # fused kernel: blocks of fused.BLOCK inside, spread over the cores

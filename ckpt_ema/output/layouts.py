@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import OutputError
-from .plan import OutputPlan, Plan, TensorPlan
-from .readers import CheckpointSource
-from .safetensors_format import DTYPES
-from .series import checkpoint_stem
-from .writer import TEMP_MARKER, SafetensorsWriter, _process_alive
+from ckpt_ema.errors import OutputError
+from ckpt_ema.io import CheckpointSource
+from ckpt_ema.io.safetensors_format import DTYPES
+from ckpt_ema.output.writer import TEMP_MARKER, SafetensorsWriter, _process_alive
+from ckpt_ema.plan.model import OutputPlan, Plan, TensorPlan
+from ckpt_ema.series.load import checkpoint_stem
 
 FORMATS = ("safetensors", "folder")
 # metadata that describes the exact bytes of the newest input, wrong for the output

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels
-from .errors import TargetError
+from ckpt_ema.errors import TargetError
+from ckpt_ema.math import ema as kernels
 
 KINDS = ("decay", "half_life", "sigma_rel", "gamma")
 

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import CkptEmaError
-from .plan import Plan
+from ckpt_ema.errors import CkptEmaError
+from ckpt_ema.plan.model import Plan
 
 
 class PlotError(CkptEmaError):

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
-from .plan import Plan
-from .safetensors_format import DTYPES, TensorInfo
+from ckpt_ema.errors import InputError
+from ckpt_ema.io.safetensors_format import DTYPES, TensorInfo
+from ckpt_ema.plan.model import Plan
 
 BLOCK = 8 << 20  # bytes per read; a multiple of every element size
 SPIKE_FACTOR = 10.0  # a checkpoint whose weight norm jumps this much from the previous one is suspicious

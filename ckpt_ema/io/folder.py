@@ -16,10 +16,10 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..errors import InputError
-from .base import CheckpointSource, FileNote, Part, WeightFile
-from .safetensors_file import safetensors_weight_file
-from .torch_pickle import torch_weight_file
+from ckpt_ema.errors import InputError
+from ckpt_ema.io.safetensors_file import safetensors_weight_file
+from ckpt_ema.io.source import CheckpointSource, FileNote, Part, WeightFile
+from ckpt_ema.io.torch_pickle import torch_weight_file
 
 # Files a trainer writes to resume training; never averaged, never copied.
 TRAINER_FILES = (

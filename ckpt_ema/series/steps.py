@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .errors import StepError
+from ckpt_ema.errors import StepError
 
 # Metadata keys that hold the global optimizer step at save time, most specific first.
 METADATA_STEP_KEYS = ("global_step", "step", "ss_steps")

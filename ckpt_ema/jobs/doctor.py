@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import kernels
-from .engine import MergePass
-from .errors import InputError, SeriesError, TargetError
-from .plan import OutputPlan, Plan, plan_ema
-from .readers import open_checkpoint
-from .series import Checkpoint, check_compatible, load_series, normalise_keys
-from .steps import StepInfo
-from .targets import Target, parse_target
+from ckpt_ema.engine.merge_pass import MergePass
+from ckpt_ema.errors import InputError, SeriesError, TargetError
+from ckpt_ema.io import open_checkpoint
+from ckpt_ema.math import ema as kernels
+from ckpt_ema.plan.model import OutputPlan, Plan, plan_ema
+from ckpt_ema.plan.targets import Target, parse_target
+from ckpt_ema.series.load import Checkpoint, check_compatible, load_series, normalise_keys
+from ckpt_ema.series.steps import StepInfo
 
 # significand bits p (with the implicit bit) and the frexp exponent of the smallest normal number
 FORMATS = {"bf16": (8, -125, torch.bfloat16), "fp16": (11, -13, torch.float16), "fp32": (24, -125, torch.float32)}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from . import kernels
-from .plan import OutputPlan, Plan
-from .series import Checkpoint
+from ckpt_ema.math import ema as kernels
+from ckpt_ema.plan.model import OutputPlan, Plan
+from ckpt_ema.series.load import Checkpoint
 
 
 def describe_series(plan: Plan) -> list[str]:

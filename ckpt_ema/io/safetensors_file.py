@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..safetensors_format import SafetensorsReader, read_header
-from .base import CheckpointSource, Part, WeightFile
+from ckpt_ema.io.safetensors_format import SafetensorsReader, read_header
+from ckpt_ema.io.source import CheckpointSource, Part, WeightFile
 
 
 def safetensors_weight_file(path: Path, relpath: str) -> WeightFile:

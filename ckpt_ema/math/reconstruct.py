@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .errors import TargetError
-from .kernels import SIGMA_REL_MAX, sigma_rel_to_gamma
+from ckpt_ema.errors import TargetError
+from ckpt_ema.math.ema import SIGMA_REL_MAX, sigma_rel_to_gamma
 
 __all__ = [
     "Reconstruction",

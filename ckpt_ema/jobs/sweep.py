@@ -17,9 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__, kernels, layouts
-from .api import SUFFIX, output_paths
-from .plan import OutputPlan, Plan
+from ckpt_ema import __version__
+from ckpt_ema.jobs.merge import SUFFIX, output_paths
+from ckpt_ema.math import ema as kernels
+from ckpt_ema.output import layouts
+from ckpt_ema.plan.model import OutputPlan, Plan
 
 # A number standing on its own: not glued to a word or a path (``decay-0.9.safetensors``, ``step-000100``).
 _NUMBER = re.compile(

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from ..safetensors_format import DTYPES, TORCH_TO_NAME, TensorInfo
+from ckpt_ema.io.safetensors_format import DTYPES, TORCH_TO_NAME, TensorInfo
 
 # Parameter names of LoRA factors (kohya, PEFT, OneTrainer/OMI) and of their scale.
 LORA_FACTOR_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up")

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from .api import output_metadata
-from .engine import MergePass
-from .errors import OutputError
-from .plan import Plan, TensorPlan
-from .safetensors_format import DTYPES
-from .writer import SafetensorsWriter
+from ckpt_ema.engine.merge_pass import MergePass
+from ckpt_ema.errors import OutputError
+from ckpt_ema.io.safetensors_format import DTYPES
+from ckpt_ema.jobs.merge import output_metadata
+from ckpt_ema.output.writer import SafetensorsWriter
+from ckpt_ema.plan.model import Plan, TensorPlan
 
 INDEX_NAME = "model.safetensors.index.json"
 

@@ -15,15 +15,11 @@ from pathlib import Path
 
 import torch
 
-from . import layouts
-from .engine import MemorySink, MergePass
-from .errors import OutputError, StrictError
-from .integrity import HASH_WIDTH, InputHasher, diverged_checkpoints, sha256_key
-from .plan import Plan, plan_ema
-from .posthoc import plan_posthoc
-from .series import file_id, load_series
-from .targets import parse_targets
-from .writer import (
+from ckpt_ema.engine.merge_pass import MemorySink, MergePass
+from ckpt_ema.errors import OutputError, StrictError
+from ckpt_ema.jobs.integrity import HASH_WIDTH, InputHasher, diverged_checkpoints, sha256_key
+from ckpt_ema.output import layouts
+from ckpt_ema.output.writer import (
     SafetensorsWriter,
     WriteOptions,
     check_free_space,
@@ -31,6 +27,10 @@ from .writer import (
     remove_stale_temps,
     write_options,
 )
+from ckpt_ema.plan.model import Plan, plan_ema
+from ckpt_ema.plan.posthoc import plan_posthoc
+from ckpt_ema.plan.targets import parse_targets
+from ckpt_ema.series.load import file_id, load_series
 
 SUFFIX = ".safetensors"
 Numbers = Sequence[float | str]

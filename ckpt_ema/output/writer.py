@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import OutputError
-from .plan import TensorPlan
-from .safetensors_format import DTYPES, read_header
+from ckpt_ema.errors import OutputError
+from ckpt_ema.io.safetensors_format import DTYPES, read_header
+from ckpt_ema.plan.model import TensorPlan
 
 try:
     import fcntl

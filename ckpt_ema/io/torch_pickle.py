@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
-from .base import CheckpointSource, Part, TensorInfoLike, TensorMeta, WeightFile, dtype_name
+from ckpt_ema.errors import InputError
+from ckpt_ema.io.source import CheckpointSource, Part, TensorInfoLike, TensorMeta, WeightFile, dtype_name
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 # Where trainers put the state dict, in order of preference: raw weights first, EMA copies after.

@@ -37,7 +37,7 @@ def weighted_sums(addresses: np.ndarray, in_dtype: str, coefs: np.ndarray, n: in
         n: elements per input.
         out: (outputs, >= n) array of uint16 (BF16 bits) or float32.
     """
-    from ._fused_numba import weighted_sums_kernel
+    from ckpt_ema.engine._fused_numba import weighted_sums_kernel
 
     like = np.empty(0, dtype=INPUT_KINDS[in_dtype])
     return int(weighted_sums_kernel(addresses, like, coefs, n, out))

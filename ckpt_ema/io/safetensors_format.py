@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from ckpt_ema.errors import InputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_TENSORS = 500_000  # several times the largest real file; parsing stays within seconds and ~1 GB

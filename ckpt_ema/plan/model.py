@@ -13,11 +13,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import __version__, kernels
-from .errors import TargetError
-from .readers import is_lora_alpha
-from .series import Checkpoint
-from .targets import Target
+from ckpt_ema import __version__
+from ckpt_ema.errors import TargetError
+from ckpt_ema.io import is_lora_alpha
+from ckpt_ema.math import ema as kernels
+from ckpt_ema.plan.targets import Target
+from ckpt_ema.series.load import Checkpoint
 
 OUTPUT_DTYPES = {"same": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 LARGE_FIRST_SHARE = 0.10

@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .api import MergeJob, plan_merge
-from .engine import MergePass
-from .errors import CkptEmaError, InputError
-from .plan import Plan
-from .sweep import paths_in_folder
+from ckpt_ema.engine.merge_pass import MergePass
+from ckpt_ema.errors import CkptEmaError, InputError
+from ckpt_ema.jobs.merge import MergeJob, plan_merge
+from ckpt_ema.jobs.sweep import paths_in_folder
+from ckpt_ema.plan.model import Plan
 
 
 @dataclass

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError, SeriesError, StepError
-from .readers import CheckpointSource, FileNote, expand_inputs, is_lora_alpha, is_lora_factor, open_checkpoint
-from .steps import StepInfo, detect_step, step_from_metadata
+from ckpt_ema.errors import InputError, SeriesError, StepError
+from ckpt_ema.io import CheckpointSource, FileNote, expand_inputs, is_lora_alpha, is_lora_factor, open_checkpoint
+from ckpt_ema.series.steps import StepInfo, detect_step, step_from_metadata
 
 NORMALISED_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel wrappers, torch.compile
 

@@ -4,8 +4,8 @@ Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Model
 and Appendix C.2; SPEC §4. The trainer tracked a few power EMAs (say sigma_rel 0.05 and 0.10) and saved
 all of them every N steps. Each snapshot's profile is known, so the target profile (a power EMA, or a
 classic exponential one) is fitted by a linear combination of the snapshots' profiles
-(:func:`ckpt_ema.reconstruct.solve_reconstructions`); that combination is the coefficient row of an
-ordinary :class:`~ckpt_ema.plan.Plan`, applied by the one streaming pass like every other method.
+(:func:`ckpt_ema.math.reconstruct.solve_reconstructions`); that combination is the coefficient row of an
+ordinary :class:`~ckpt_ema.plan.model.Plan`, applied by the one streaming pass like every other method.
 
 Snapshots are found in two layouts:
 
@@ -26,16 +26,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError, StepError, TargetError
-from .kernels import gamma_to_sigma_rel
-from .plan import OutputPlan, Plan, plan_tensors
-from .readers import CheckpointSource, Part, TensorMeta, WeightFile, open_checkpoint
-from .readers.base import dtype_name
-from .readers.torch_pickle import load_pickle
-from .reconstruct import solve_reconstructions, tracked_gammas, truncated_exp_sigma_rel
-from .series import Checkpoint, check_compatible, discover_inputs, natural_key
-from .steps import StepInfo, step_from_metadata, step_from_name
-from .targets import Target
+from ckpt_ema.errors import InputError, StepError, TargetError
+from ckpt_ema.io import CheckpointSource, Part, TensorMeta, WeightFile, open_checkpoint
+from ckpt_ema.io.source import dtype_name
+from ckpt_ema.io.torch_pickle import load_pickle
+from ckpt_ema.math.ema import gamma_to_sigma_rel
+from ckpt_ema.math.reconstruct import solve_reconstructions, tracked_gammas, truncated_exp_sigma_rel
+from ckpt_ema.plan.model import OutputPlan, Plan, plan_tensors
+from ckpt_ema.plan.targets import Target
+from ckpt_ema.series.load import Checkpoint, check_compatible, discover_inputs, natural_key
+from ckpt_ema.series.steps import StepInfo, step_from_metadata, step_from_name
 
 # ema-pytorch PostHocEMA snapshot file: {index into sigma_rels}.{step}.pt
 EMA_PYTORCH_NAME = re.compile(r"(?P<index>\d+)\.(?P<step>\d+)\.pt")
