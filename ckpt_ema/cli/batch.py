@@ -13,8 +13,15 @@ import click
 from tqdm import tqdm
 
 from ckpt_ema.cli import main
-from ckpt_ema.cli.common import progress_bar, series_options, user_errors, warn
-from ckpt_ema.cli.sweep import split_target_lists
+from ckpt_ema.cli.common import (
+    plan_options,
+    progress_bar,
+    series_options,
+    split_target_lists,
+    target_values,
+    user_errors,
+    warn,
+)
 from ckpt_ema.engine.merge_pass import choose_kernel
 from ckpt_ema.jobs.batch import RunTask, execute, prepare, run_tasks
 from ckpt_ema.plan.targets import parse_targets
@@ -49,14 +56,12 @@ def batch(out_root: Path, jobs: int, force: bool, quiet: bool, **options: Any) -
     if options["steps"] is not None:
         raise click.UsageError("--steps cannot be used with batch: each run has its own steps")
     split_target_lists(options)
-    parse_targets(**{k: options[k] for k in ("decay", "half_life", "sigma_rel", "gamma")})  # bad targets: stop now
+    parse_targets(**target_values(options))  # bad targets: stop now
     tasks = run_tasks(options.pop("inputs"), out_root)
-    plan_options = {k: options[k] for k in ("decay", "half_life", "sigma_rel", "gamma", "at", "init", "interp",
-                                             "per_checkpoint", "dtype", "key", "allow_mixed_runs",
-                                             "tracked_sigma_rel", "tracked_gamma")}  # fmt: skip
-    plan_options["component"] = options["component"] or None
+    run_options = plan_options(options)
+    del run_options["steps"]  # refused above: each run has its own steps
     for task in tasks:
-        prepare(task, force=force, **plan_options)
+        prepare(task, force=force, **run_options)
         for warning in task.plan.warnings if task.plan is not None else ():
             click.echo(f"warning: {task.name}: {warning}", err=True)
     pending = [t for t in tasks if t.plan is not None]

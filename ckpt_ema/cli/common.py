@@ -14,6 +14,8 @@ from tqdm import tqdm
 
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.jobs.merge import plan_merge
+from ckpt_ema.math.ema import INTERPOLATIONS
+from ckpt_ema.plan.kinds import OPTIONS as TARGET_OPTIONS
 from ckpt_ema.plan.model import OUTPUT_DTYPES, Plan
 
 
@@ -91,20 +93,10 @@ def series_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Inputs and targets, shared by ``merge`` and ``plan``."""
     options = [
         click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path)),
-        click.option(
-            "--decay", multiple=True, metavar="BETA", help="Classic EMA decay per optimizer step, e.g. 0.999."
-        ),
-        click.option(
-            "--half-life", "half_life", multiple=True, metavar="STEPS", help="Classic EMA by its half-life in steps."
-        ),
-        click.option(
-            "--sigma-rel",
-            "sigma_rel",
-            multiple=True,
-            metavar="SIGMA",
-            help="Power-function EMA (EDM2) by relative width, 0 < SIGMA < 0.2887.",
-        ),
-        click.option("--gamma", multiple=True, metavar="GAMMA", help="Power-function EMA by its exponent (> 0)."),
+        *[
+            click.option(option.flag, option.key, multiple=True, metavar=option.metavar, help=option.help)
+            for option in TARGET_OPTIONS
+        ],
         click.option(
             "--at",
             type=click.IntRange(min=0),
@@ -121,7 +113,7 @@ def series_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--interp",
-            type=click.Choice(["linear", "hold"]),
+            type=click.Choice(list(INTERPOLATIONS)),
             default="linear",
             show_default=True,
             help="How weights move between checkpoints.",
@@ -156,25 +148,37 @@ def series_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def split_target_lists(options: dict[str, Any]) -> None:
+    """``--decay 0.9,0.99 --decay 0.999`` in place: every target option accepts comma lists and repetition."""
+    for option in TARGET_OPTIONS:
+        options[option.key] = split_lists(options.get(option.key) or ())
+
+
+def target_values(options: dict[str, Any]) -> dict[str, Any]:
+    """The target options of a command's options, by key (``decay``, ``half_life``, ...)."""
+    return {option.key: options[option.key] for option in TARGET_OPTIONS}
+
+
+def plan_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of :func:`plan_merge` from the options of ``series_options``."""
+    return {
+        **target_values(options),
+        "at": options["at"],
+        "steps": options["steps"],
+        "init": options["init"],
+        "interp": options["interp"],
+        "per_checkpoint": options["per_checkpoint"],
+        "dtype": options["dtype"],
+        "key": options["key"],
+        "component": options["component"] or None,
+        "allow_mixed_runs": options["allow_mixed_runs"],
+        "tracked_sigma_rel": options["tracked_sigma_rel"],
+        "tracked_gamma": options["tracked_gamma"],
+    }
+
+
 def plan_from(options: dict[str, Any]) -> Plan:
-    return plan_merge(
-        options["inputs"],
-        decay=options["decay"],
-        half_life=options["half_life"],
-        sigma_rel=options["sigma_rel"],
-        gamma=options["gamma"],
-        at=options["at"],
-        steps=options["steps"],
-        init=options["init"],
-        interp=options["interp"],
-        per_checkpoint=options["per_checkpoint"],
-        dtype=options["dtype"],
-        key=options["key"],
-        component=options["component"] or None,
-        allow_mixed_runs=options["allow_mixed_runs"],
-        tracked_sigma_rel=options["tracked_sigma_rel"],
-        tracked_gamma=options["tracked_gamma"],
-    )
+    return plan_merge(options["inputs"], **plan_options(options))
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -14,7 +14,8 @@ from ckpt_ema.cli import main
 from ckpt_ema.cli.common import reader_options, user_errors
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.io import CheckpointSource, FileNote, is_lora_alpha, open_checkpoint
-from ckpt_ema.series.load import checkpoint_step, discover_inputs, load_series
+from ckpt_ema.series.discover import discover_inputs
+from ckpt_ema.series.load import checkpoint_step, load_series
 
 
 def describe_source(source: CheckpointSource) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import click
 from tqdm import tqdm
 
 from ckpt_ema.cli import main
-from ckpt_ema.cli.common import plan_from, run_pass, series_options, split_lists, user_errors, warn
+from ckpt_ema.cli.common import plan_from, run_pass, series_options, split_target_lists, user_errors, warn
 from ckpt_ema.errors import OutputError
 from ckpt_ema.jobs.merge import MergeJob
 from ckpt_ema.jobs.sweep import (
@@ -28,14 +28,7 @@ from ckpt_ema.jobs.sweep import (
     sweep_json,
     write_json,
 )
-from ckpt_ema.plan.targets import KINDS
 from ckpt_ema.report.plots import plot_scores, require_matplotlib
-
-
-def split_target_lists(options: dict[str, Any]) -> None:
-    """``--decay 0.9,0.99 --decay 0.999`` in place: every target option accepts comma lists and repetition."""
-    for kind in KINDS:
-        options[kind] = split_lists(options.get(kind) or ())
 
 
 def make_folder(folder: Path) -> None:

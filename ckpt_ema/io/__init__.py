@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from ckpt_ema.errors import InputError
-from ckpt_ema.io.folder import CHECKPOINT_FOLDER_NAME, WEIGHT_NAME, is_checkpoint_folder, open_folder
+from ckpt_ema.io.folder import CHECKPOINT_FOLDER_NAME, WEIGHT_NAME, is_checkpoint_folder, open_folder  # noqa: F401
 from ckpt_ema.io.safetensors_file import open_safetensors_file
 from ckpt_ema.io.source import CheckpointSource, FileNote, Part, TensorMeta, WeightFile, is_lora_alpha, is_lora_factor
 from ckpt_ema.io.torch_pickle import TORCH_SUFFIXES, open_torch_file
@@ -26,7 +25,6 @@ __all__ = [
     "Part",
     "TensorMeta",
     "WeightFile",
-    "expand_inputs",
     "is_checkpoint_folder",
     "is_lora_alpha",
     "is_lora_factor",
@@ -57,73 +55,3 @@ def open_checkpoint(
     raise InputError(
         f"{path}: unknown checkpoint type {path.suffix!r} (expected .safetensors, {', '.join(TORCH_SUFFIXES)})"
     )
-
-
-def expand_inputs(inputs: Sequence[str | os.PathLike], skipped: list[FileNote] | None = None) -> list[Path]:
-    """INPUT arguments to checkpoints: files and checkpoint folders as given; a folder holding a series
-    to its checkpoint files or checkpoint folders (not both), in natural name order (``step-9`` before
-    ``step-10``; ``--steps`` follows this order).
-
-    A training output folder that holds ``checkpoint-N/`` (or OneTrainer ``-backup-``) folders is a series
-    even when the final model was saved beside them; kohya's ``-state`` resume folders beside the saved
-    files are skipped. What is skipped, and why, is appended to ``skipped`` (shown by ``inspect``).
-    """
-    notes: list[FileNote] = [] if skipped is None else skipped
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            children = sorted(path.iterdir(), key=_natural)  # step-9 before step-10 (and for --steps)
-            numbered = [p for p in children if p.is_dir() and CHECKPOINT_FOLDER_NAME.search(p.name)]
-            if is_checkpoint_folder(path) and not numbered:
-                found.append(path)
-                continue
-            files = [p for p in children if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES]
-            folders = numbered or [
-                p for p in children if p.is_dir() and not p.name.startswith(".") and is_checkpoint_folder(p)
-            ]
-            if numbered:  # the final save_pretrained beside checkpoint-N/ folders has no step
-                final = [p for p in files if WEIGHT_NAME.match(p.name)]
-                notes.extend(
-                    FileNote(str(p), "final model beside checkpoint folders; pass it to include it") for p in final
-                )
-                files = [p for p in files if p not in final]
-            states = [p for p in folders if p.name.endswith("-state")]
-            if files and states:
-                notes.extend(
-                    FileNote(str(p), "kohya resume state (the saved files beside it are read)") for p in states
-                )
-                folders = [p for p in folders if p not in states]
-            if files and folders:
-                raise InputError(
-                    f"{path}: holds both checkpoint files ({len(files)}) and checkpoint folders ({len(folders)}, "
-                    f"e.g. {folders[0].name}); pass the ones you mean"
-                )
-            if not files and not folders:
-                raise InputError(f"{path}: folder holds no .safetensors files, torch files or checkpoint folders")
-            chosen = set(files or folders)
-            notes.extend(
-                FileNote(str(p), "not a checkpoint")
-                for p in children
-                if p not in chosen and not p.name.startswith(".") and all(n.relpath != str(p) for n in notes)
-            )
-            found.extend(files or folders)
-        elif path.is_file():
-            found.append(path)
-        elif path.exists():
-            raise InputError(f"{path}: not a file or folder")
-        else:
-            raise InputError(f"{path}: no such file or folder")
-    if not found:
-        raise InputError("no checkpoints given")
-    kinds = {p.is_dir() for p in found}
-    if len(kinds) > 1:
-        folder = next(p for p in found if p.is_dir())
-        file = next(p for p in found if not p.is_dir())
-        raise InputError(f"{folder} is a folder checkpoint but {file} is a file; a series cannot mix them")
-    return found
-
-
-def _natural(path: Path) -> list[object]:
-    """Name order with digit runs compared as numbers."""
-    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", path.name)]

@@ -101,7 +101,9 @@ def find_state_dict(path: Path, loaded: object, key: str | None) -> tuple[str | 
     raise InputError(f"{path}: no state dict found (no tensors at the top level or under {', '.join(STATE_DICT_KEYS)})")
 
 
-class _Loaded:
+class StateDictFile:
+    """``flat(stored_name)`` over a loaded state dict (views into the memory-mapped file)."""
+
     def __init__(self, state: Mapping[str, object]) -> None:
         self.state = state
 
@@ -128,9 +130,9 @@ def torch_weight_file(path: Path, relpath: str, key: str | None = None) -> tuple
         tensors[str(name)] = TensorMeta(dtype, tuple(value.shape))
     info: dict[str, object] = {"key": chosen, "others": others, "skipped": skipped, "top": loaded}
 
-    def reopen() -> _Loaded:
+    def reopen() -> StateDictFile:
         again = load_pickle(path)
-        return _Loaded(find_state_dict(path, again, chosen)[1] if chosen is not None else again)  # type: ignore[arg-type]
+        return StateDictFile(find_state_dict(path, again, chosen)[1] if chosen is not None else again)  # type: ignore[arg-type]
 
     del state, loaded
     weight_file = WeightFile(relpath, path, tensors, {}, reopen, path.stat().st_size)

@@ -31,7 +31,8 @@ from ckpt_ema.engine.merge_pass import MergePass
 from ckpt_ema.errors import InputError, SeriesError, TargetError
 from ckpt_ema.io import open_checkpoint
 from ckpt_ema.math import ema as kernels
-from ckpt_ema.plan.model import OutputPlan, Plan, plan_ema
+from ckpt_ema.plan.ema import plan_ema
+from ckpt_ema.plan.model import OutputPlan, Plan
 from ckpt_ema.plan.targets import Target, parse_target
 from ckpt_ema.series.load import Checkpoint, check_compatible, load_series, normalise_keys
 from ckpt_ema.series.steps import StepInfo

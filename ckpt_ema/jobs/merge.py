@@ -27,10 +27,12 @@ from ckpt_ema.output.writer import (
     remove_stale_temps,
     write_options,
 )
-from ckpt_ema.plan.model import Plan, plan_ema
+from ckpt_ema.plan.ema import plan_ema
+from ckpt_ema.plan.model import Plan
 from ckpt_ema.plan.posthoc import plan_posthoc
 from ckpt_ema.plan.targets import parse_targets
-from ckpt_ema.series.load import file_id, load_series
+from ckpt_ema.series.discover import file_id
+from ckpt_ema.series.load import load_series
 
 SUFFIX = ".safetensors"
 Numbers = Sequence[float | str]
@@ -54,6 +56,7 @@ def plan_merge(
     allow_mixed_runs: bool = False,
     tracked_sigma_rel: Numbers = (),
     tracked_gamma: Numbers = (),
+    **other_targets: Numbers,
 ) -> Plan:
     """Find the series, its steps and each output's coefficients, reading only file headers.
 
@@ -71,8 +74,9 @@ def plan_merge(
         allow_mixed_runs: accept kohya files from different training sessions (``ss_session_id``).
         tracked_sigma_rel, tracked_gamma: the inputs are snapshots of these power-function EMAs (EDM2,
             ema-pytorch ``PostHocEMA``); each target is then reconstructed from them (see ``posthoc``).
+        other_targets: targets of the other kinds of ``ckpt_ema.plan.kinds``, by option key.
     """
-    targets = parse_targets(decay=decay, half_life=half_life, sigma_rel=sigma_rel, gamma=gamma)
+    targets = parse_targets(decay=decay, half_life=half_life, sigma_rel=sigma_rel, gamma=gamma, **other_targets)
     if tracked_sigma_rel or tracked_gamma:
         return plan_posthoc(
             inputs, targets, tracked_sigma_rel, tracked_gamma, at=at, steps=steps, init=init,

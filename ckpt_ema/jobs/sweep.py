@@ -76,7 +76,7 @@ def candidates_from_plan(plan: Plan, paths: Sequence[Path]) -> list[Candidate]:
             sigma_rel = None
         half_life = eq.get("half_life", output.params.get("half_life"))
         if half_life is None and "gamma" in output.params and plan.target_step > 1:  # a reconstructed power EMA
-            half_life = kernels.decay_to_half_life((1.0 - 1.0 / plan.target_step) ** (output.params["gamma"] + 1.0))
+            half_life = kernels.decay_to_half_life(kernels.power_decay_at(plan.target_step, output.params["gamma"]))
         result.append(Candidate(output.name, Path(path), output, half_life, sigma_rel))
     return result
 

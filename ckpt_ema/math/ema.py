@@ -199,3 +199,8 @@ def _power_sum(exponent: float, start: int, stop: int, total: int) -> float:
         order = 2 * k - 1
         tail += bernoulli / math.factorial(2 * k) * (derivative(order, q) - derivative(order, p))
     return head + tail
+
+
+def power_decay_at(step: int, gamma: float) -> float:
+    """The per-step decay of a power-function EMA at step ``step``: ``(1 - 1/t)**(gamma + 1)`` (spec §3); 0 at t <= 1."""
+    return (1.0 - 1.0 / step) ** (gamma + 1.0) if step > 1 else 0.0

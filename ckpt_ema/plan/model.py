@@ -1,4 +1,4 @@
-"""What will be computed, checked from headers alone: a coefficient matrix (outputs x checkpoints).
+"""What will be computed, known from headers alone: a coefficient matrix (outputs x checkpoints).
 
 Every method (classic EMA, power EMA, per-checkpoint updates, later reconstructions and sweeps) only
 builds this matrix; the engine applies it in one streaming pass over the checkpoints.
@@ -6,10 +6,9 @@ builds this matrix; the engine applies it in one streaming pass over the checkpo
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,11 +16,10 @@ from ckpt_ema import __version__
 from ckpt_ema.errors import TargetError
 from ckpt_ema.io import is_lora_alpha
 from ckpt_ema.math import ema as kernels
-from ckpt_ema.plan.targets import Target
+from ckpt_ema.plan.kinds import METHODS
 from ckpt_ema.series.load import Checkpoint
 
 OUTPUT_DTYPES = {"same": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
-LARGE_FIRST_SHARE = 0.10
 # Reconstruction outputs (posthoc.py) carry these in their params; to_json also shows them per output.
 FIT_DIAGNOSTICS = ("condition_number", "abs_sum", "fit_error")
 
@@ -92,23 +90,12 @@ class Plan:
         return float(statistics.median(b - a for a, b in zip(steps, steps[1:]))) if len(steps) > 1 else 0.0
 
     def equivalents(self, output: OutputPlan) -> dict[str, float]:
-        """How wide the output's profile is, in every unit: half-life in steps and in checkpoints, sigma_rel.
-
-        Classic targets: ``sigma_rel ~ sqrt(beta) / (1 - beta) / T`` (the untruncated profile's standard
-        deviation relative to T). Power targets: the per-step decay at T, ``(1 - 1/T)**(gamma + 1)``.
-        """
-        total = self.target_step
+        """How wide the output's profile is, in every unit its kind knows (half-life in steps and in
+        checkpoint spacings, sigma_rel, the decay at T), with the first and last checkpoints' shares."""
         result: dict[str, float] = {"first_share": output.coefficients[0], "last_share": output.coefficients[-1]}
-        if output.method == "classic":
-            decay = output.params["decay"]
-            result["half_life"] = kernels.decay_to_half_life(decay)
-            if total > 0:
-                result["sigma_rel"] = math.sqrt(decay) / (1.0 - decay) / total
-        elif output.method == "power" and total > 0:
-            decay = (1.0 - 1.0 / total) ** (output.params["gamma"] + 1.0) if total > 1 else 0.0
-            result["decay_at_target"] = decay
-            if 0.0 < decay < 1.0:
-                result["half_life"] = kernels.decay_to_half_life(decay)
+        family = METHODS.get(output.method)
+        if family is not None:
+            result.update(family.equivalents(output.params, self.target_step))
         if "half_life" in result and self.spacing > 0:
             result["half_life_checkpoints"] = result["half_life"] / self.spacing
         return result
@@ -137,59 +124,6 @@ class Plan:
         }
 
 
-def plan_ema(
-    checkpoints: Sequence[Checkpoint],
-    targets: Sequence[Target],
-    at: int | None = None,
-    interp: str = "linear",
-    per_checkpoint: bool = False,
-    dtype: str = "same",
-) -> Plan:
-    """Plan classic and power-function EMAs of a sorted series at step ``at`` (default: the last step).
-
-    Raises:
-        TargetError: no target, ``at`` not the step of a checkpoint of the series, bad ``interp``/``dtype``.
-    """
-    if not targets:
-        raise TargetError("no target given: add --decay, --half-life, --sigma-rel or --gamma")
-    if interp not in kernels.INTERPOLATIONS:
-        raise TargetError(f"--interp must be one of {', '.join(kernels.INTERPOLATIONS)}, got {interp!r}")
-    used, ignored = split_at(checkpoints, at)
-    steps = [c.step for c in used]
-    if any(t.is_power for t in targets) and steps[-1] == 0:
-        raise TargetError("a power-function EMA (--sigma-rel/--gamma) needs a target step > 0")
-    outputs = []
-    for target in targets:
-        coefs = target.coefficients(steps, interp, per_checkpoint)
-        method = "power" if target.is_power else "classic"
-        outputs.append(OutputPlan(target.name, method, target.describe(), tuple(float(c) for c in coefs)))
-    plan = Plan(
-        checkpoints=tuple(used),
-        ignored=tuple(ignored),
-        target_step=steps[-1],
-        interp=interp,
-        per_checkpoint=per_checkpoint,
-        outputs=tuple(outputs),
-        tensors=plan_tensors(used, dtype),
-    )
-    return _with_warnings(plan, targets)
-
-
-def split_at(checkpoints: Sequence[Checkpoint], at: int | None) -> tuple[list[Checkpoint], list[Checkpoint]]:
-    """The checkpoints up to the target step, and those after it (ignored)."""
-    steps = [c.step for c in checkpoints]
-    if at is None:
-        return list(checkpoints), []
-    if at not in steps:
-        before = [s for s in steps if s < at]
-        after = [s for s in steps if s > at]
-        if not before or not after:
-            raise TargetError(f"--at {at} is outside the series (steps {steps[0]} to {steps[-1]})")
-        raise TargetError(f"--at {at} is not the step of a checkpoint; the nearest are {before[-1]} and {after[0]}")
-    cut = steps.index(at) + 1
-    return list(checkpoints[:cut]), list(checkpoints[cut:])
-
-
 def plan_tensors(checkpoints: Sequence[Checkpoint], dtype: str = "same") -> tuple[TensorPlan, ...]:
     """Output tensors in name order within each weight file of the newest checkpoint; float ones take
     ``dtype`` (``same``: the newest checkpoint's dtype)."""
@@ -203,49 +137,6 @@ def plan_tensors(checkpoints: Sequence[Checkpoint], dtype: str = "same") -> tupl
         averaged = info.is_float and not is_lora_alpha(name)  # LoRA alphas are copied like integer buffers
         plans.append(TensorPlan(name, info.shape, averaged, (forced or info.dtype) if averaged else info.dtype))
     return tuple(plans)
-
-
-def _with_warnings(plan: Plan, targets: Sequence[Target]) -> Plan:
-    warnings: list[str] = []
-    steps = [c.step for c in plan.checkpoints]
-    gaps = [b - a for a, b in zip(steps, steps[1:])]
-    spacing = plan.spacing
-    if gaps and max(gaps) > 2 * min(gaps):
-        warnings.append(
-            f"steps are unevenly spaced (gaps of {min(gaps)} to {max(gaps)} steps): "
-            "the weights between distant checkpoints are interpolated more coarsely"
-        )
-    guessed = [c for c in plan.checkpoints if getattr(c.source, "other_keys", None)]
-    if guessed:  # a torch file holding several state dicts (e.g. timm's state_dict and state_dict_ema)
-        source = guessed[0].source
-        warnings.append(
-            f"{len(guessed)} torch file(s) hold several state dicts; took {source.state_dict_key!r} "  # type: ignore[attr-defined]
-            f"(also found {', '.join(map(repr, source.other_keys))} in {source.path.name}); pass --key to choose"  # type: ignore[attr-defined]
-        )
-    ambiguous = [c for c in plan.checkpoints if c.step_info.ambiguous]
-    if ambiguous:
-        example = ambiguous[0]
-        warnings.append(
-            f"{len(ambiguous)} step(s) taken from a bare trailing number ({example.path.name} -> step "
-            f"{example.step}); kohya names epoch saves this way: if these are epochs, pass --steps"
-        )
-    first = "the base model (--init)" if plan.checkpoints[0].is_init else f"the first checkpoint (step {steps[0]})"
-    for target, output in zip(targets, plan.outputs):
-        share = output.coefficients[0]
-        if len(steps) > 1 and share >= LARGE_FIRST_SHARE:
-            warnings.append(
-                f"{output.name}: {first} keeps {share:.0%} of the weight; the EMA is long for this "
-                f"{steps[-1] - steps[0]}-step series"
-            )
-        if not target.is_power and not plan.per_checkpoint and gaps:
-            half_life = kernels.decay_to_half_life(target.decay)
-            if half_life < spacing:
-                warnings.append(
-                    f"{output.name}: the half-life ({half_life:.3g} steps) is shorter than the spacing of "
-                    f"the checkpoints ({spacing:g} steps); the last checkpoint gets "
-                    f"{output.coefficients[-1]:.0%} and the result rests on interpolation"
-                )
-    return replace(plan, warnings=tuple(warnings))
 
 
 def _checkpoint_json(c: Checkpoint) -> dict[str, object]:

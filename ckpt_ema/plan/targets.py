@@ -1,25 +1,28 @@
-"""What the user asks for: an EMA target (decay, half-life, sigma_rel or gamma), validated and named."""
+"""What the user asks for: targets (an EMA by decay, half-life, sigma_rel or gamma, ...), validated and named.
+
+Each option key belongs to one kind of ``ckpt_ema.plan.kinds``, which parses it and builds its row of
+coefficients; a ``Target`` is the key, the value and the text the user wrote.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ckpt_ema.errors import TargetError
-from ckpt_ema.math import ema as kernels
-
-KINDS = ("decay", "half_life", "sigma_rel", "gamma")
+from ckpt_ema.plan.kinds import KINDS, TargetKind
+from ckpt_ema.plan.kinds.classic import Classic
+from ckpt_ema.plan.kinds.power import Power
 
 
 @dataclass(frozen=True)
 class Target:
-    """One EMA profile to compute.
+    """One output to compute.
 
-    ``decay`` is per optimizer step; ``half_life`` is in steps; ``sigma_rel`` and ``gamma`` name a
-    power-function EMA (EDM2). ``text`` is the value as the user wrote it.
+    ``kind`` is an option key (``decay`` per optimizer step; ``half_life`` in steps; ``sigma_rel`` and
+    ``gamma`` name a power-function EMA, EDM2); ``text`` is the value as the user wrote it.
     """
 
     kind: str
@@ -27,67 +30,54 @@ class Target:
     text: str = ""
 
     @property
+    def family(self) -> TargetKind:
+        """The kind that parses, names and computes this target."""
+        return KINDS[self.kind]
+
+    @property
     def name(self) -> str:
         """Output name, e.g. ``decay-0.999``, ``sigma_rel-0.1``, ``half_life-500``."""
         return f"{self.kind}-{format_number(self.value)}"
 
     @property
+    def method(self) -> str:
+        return self.family.method
+
+    @property
     def is_power(self) -> bool:
-        return self.kind in ("sigma_rel", "gamma")
+        return self.family.method == "power"
 
     @property
     def decay(self) -> float:
         """Per-step decay of a classic target."""
-        return self.value if self.kind == "decay" else kernels.half_life_to_decay(self.value)
+        return Classic.decay(self)
 
     @property
     def gamma(self) -> float:
         """Exponent of a power-function target."""
-        return self.value if self.kind == "gamma" else kernels.sigma_rel_to_gamma(self.value)
+        return Power.gamma(self)
 
     def coefficients(self, steps: Sequence[int], interp: str, per_checkpoint: bool) -> np.ndarray:
         """Coefficient of each checkpoint (steps sorted, last = target time), float64, summing to 1."""
-        if per_checkpoint:
-            if self.is_power:
-                return kernels.per_checkpoint_power_coefficients(len(steps), self.gamma)
-            return kernels.per_checkpoint_coefficients(len(steps), self.decay)
-        if self.is_power:
-            return kernels.power_coefficients(steps, self.gamma, interp)
-        return kernels.classic_coefficients(steps, self.decay, interp)
+        return self.family.coefficients(self, steps, interp, per_checkpoint)
 
     def describe(self) -> dict[str, float]:
         """Equivalent parameters: decay and half-life for classic targets, gamma and sigma_rel for power."""
-        if self.is_power:
-            return {"gamma": self.gamma, "sigma_rel": kernels.gamma_to_sigma_rel(self.gamma)}
-        return {"decay": self.decay, "half_life": kernels.decay_to_half_life(self.decay)}
+        return self.family.describe(self)
 
 
 def parse_target(kind: str, text: str | float) -> Target:
     """Validate one target option; raise ``TargetError`` with a message naming the option."""
     if kind not in KINDS:
         raise TargetError(f"unknown target kind {kind!r}")
-    option = "--" + kind.replace("_", "-")
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise TargetError(f"{option} {text}: not a number") from None
-    if not math.isfinite(value):
-        raise TargetError(f"{option} {text}: must be finite")
-    if kind == "decay" and not 0.0 < value < 1.0:
-        raise TargetError(f"{option} {text}: the decay per step must be in (0, 1), e.g. 0.999")
-    if kind == "half_life" and not value > 0.0:
-        raise TargetError(f"{option} {text}: the half-life in steps must be > 0")
-    if kind == "sigma_rel" and not 0.0 < value < kernels.SIGMA_REL_MAX:
-        raise TargetError(f"{option} {text}: sigma_rel must be in (0, {kernels.SIGMA_REL_MAX:.4f}) (1/sqrt(12))")
-    if kind == "gamma" and not value > 0.0:
-        raise TargetError(f"{option} {text}: gamma must be > 0")
-    if kind == "half_life" and kernels.half_life_to_decay(value) >= 1.0:
-        raise TargetError(f"{option} {text}: half-life too long to represent as a per-step decay")
-    return Target(kind, value, str(text))
+    return Target(kind, KINDS[kind].parse(kind, str(text)), str(text))
 
 
 def parse_targets(**options: Sequence[str | float]) -> list[Target]:
     """Targets from repeatable options, e.g. ``parse_targets(decay=["0.99"], sigma_rel=["0.1"])``."""
+    unknown = sorted(set(options) - set(KINDS))
+    if unknown:
+        raise TargetError(f"unknown target kind {unknown[0]!r}")
     targets = [parse_target(kind, text) for kind in KINDS for text in options.get(kind, ()) or ()]
     names = [t.name for t in targets]
     duplicates = sorted({n for n in names if names.count(n) > 1})

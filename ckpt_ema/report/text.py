@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ckpt_ema.math import ema as kernels
+from ckpt_ema.plan.kinds import METHODS
 from ckpt_ema.plan.model import OutputPlan, Plan
 from ckpt_ema.series.load import Checkpoint
 
@@ -57,30 +58,13 @@ def describe_coefficients(plan: Plan) -> list[str]:
 def describe_output(plan: Plan, output: OutputPlan) -> str:
     """One line: what the output is, its width in steps, checkpoints and sigma_rel, the first share."""
     eq = plan.equivalents(output)
-    parts = []
-    if output.method == "classic":
-        parts.append(f"classic EMA, decay {output.params['decay']:.6g} per step")
-        parts.append(_half_life(eq))
-    elif output.method == "power":
-        parts.append(f"power EMA, sigma_rel {output.params['sigma_rel']:.4g}, gamma {output.params['gamma']:.4g}")
-        if "half_life" in eq:
-            parts.append(f"at step {plan.target_step} like decay {eq['decay_at_target']:.6g} ({_half_life(eq)})")
-    elif output.method == "reconstruction":  # the first snapshot's share means nothing here
+    if output.method == "reconstruction":  # the first snapshot's share means nothing here
         return f"{output.name}: {_describe_reconstruction(output)}"
-    else:
-        parts.append(output.method)
-    if output.method == "classic" and eq.get("sigma_rel", 1.0) < kernels.SIGMA_REL_MAX:
-        parts.append(f"~ sigma_rel {eq['sigma_rel']:.3g}")
+    family = METHODS.get(output.method)
+    parts = family.summary(output, eq, plan.target_step) if family is not None else [output.method]
     first = "init" if plan.checkpoints[0].is_init else "first checkpoint"
     parts.append(f"{first} keeps {eq['first_share']:.2%}")
     return f"{output.name}: " + "; ".join(parts)
-
-
-def _half_life(eq: dict[str, float]) -> str:
-    text = f"half-life {eq['half_life']:.4g} steps"
-    if "half_life_checkpoints" in eq:
-        text += f" = {eq['half_life_checkpoints']:.3g} x checkpoint spacing"
-    return text
 
 
 def describe_plan(plan: Plan) -> str:

@@ -7,14 +7,15 @@ by the engine.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_ema.errors import InputError, SeriesError, StepError
-from ckpt_ema.io import CheckpointSource, FileNote, expand_inputs, is_lora_alpha, is_lora_factor, open_checkpoint
-from ckpt_ema.series.steps import StepInfo, detect_step, step_from_metadata
+from ckpt_ema.io import CheckpointSource, is_lora_alpha, is_lora_factor, open_checkpoint
+from ckpt_ema.math.ema import gamma_to_sigma_rel
+from ckpt_ema.series.discover import discover_inputs, natural_key, refuse_repeats
+from ckpt_ema.series.steps import StepInfo, detect_step, looks_like_snapshot, step_from_metadata
 
 NORMALISED_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel wrappers, torch.compile
 
@@ -37,13 +38,10 @@ class Checkpoint:
     def path(self) -> Path:
         return self.source.path
 
-
-def discover_inputs(inputs: Sequence[str | os.PathLike], skipped: list[FileNote] | None = None) -> list[Path]:
-    """Expand INPUT arguments: files and checkpoint folders as given, series folders to their checkpoints
-    (what a series folder holds besides them is noted in ``skipped``)."""
-    found = expand_inputs(inputs, skipped)
-    _refuse_repeats(found)
-    return found
+    @property
+    def tracked_sigma_rel(self) -> float | None:
+        """The sigma_rel of the profile an EMA snapshot holds (None for raw weights)."""
+        return None if self.tracked_gamma is None else gamma_to_sigma_rel(self.tracked_gamma)
 
 
 def checkpoint_stem(path: Path) -> str:
@@ -110,14 +108,14 @@ def load_series(
         if init_path.is_dir() != paths[0].is_dir():
             kind = "a folder" if init_path.is_dir() else "a file"
             raise InputError(f"{init_path}: --init is {kind} but the checkpoints are not; give the same kind")
-        _refuse_repeats([init_path, *paths])
+        refuse_repeats([init_path, *paths])
         source = open_checkpoint(init_path, key=key, component=component)
         checkpoints.append(Checkpoint(source, 0, StepInfo(0, "--init"), is_init=True))
     checkpoints.sort(key=lambda c: c.step)
     for a, b in zip(checkpoints, checkpoints[1:]):
         if a.step == b.step:
             hint = ""
-            if all(_looks_like_snapshot(c.path) for c in (a, b)):
+            if all(looks_like_snapshot(c.path) for c in (a, b)):
                 hint = "; if these are EMA snapshots of several profiles, pass --tracked-sigma-rel S0,S1,..."
             raise StepError(
                 f"{a.path} and {b.path} both have step {a.step} ({a.step_info.source}; {b.step_info.source}){hint}"
@@ -226,32 +224,7 @@ def _check_lora_alphas(checkpoints: Sequence[Checkpoint]) -> None:
         ckpt.source.close()
 
 
-def file_id(path: Path) -> tuple[int, int]:
-    """(device, inode): the same for a file, its hard links and symbolic links to it."""
-    stat = path.stat()
-    return stat.st_dev, stat.st_ino
-
-
-def _refuse_repeats(paths: Sequence[Path]) -> None:
-    seen: dict[tuple[int, int], Path] = {}
-    for path in paths:
-        key = file_id(path)
-        if key in seen:
-            raise InputError(f"{path}: given twice (also as {seen[key]})")
-        seen[key] = path
-
-
 def _names(names: Sequence[str], limit: int = 8) -> str:
     shown = ", ".join(repr(n) for n in names[:limit])
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return f"{len(names)} tensor{'s' if len(names) != 1 else ''} ({shown}{more})"
-
-
-def natural_key(path: Path) -> list[object]:
-    """Sort key that compares the digit runs of a name as numbers (``step-9`` before ``step-10``)."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def _looks_like_snapshot(path: Path) -> bool:
-    """``NAME-STEP-SIGMA.safetensors`` (EDM2 style) or ema-pytorch's ``INDEX.STEP.pt``."""
-    return bool(re.fullmatch(r".*-\d+-\d*\.\d+\.safetensors|\d+\.\d+\.pt", path.name))

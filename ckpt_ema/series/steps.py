@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ckpt_ema.errors import StepError
 
@@ -31,7 +32,23 @@ _LABELLED_PATTERNS = (
 _EPOCH_LABEL = re.compile(r"(?:^|[^a-z0-9])epoch[-_=]?\d+$", re.IGNORECASE)
 # A bare trailing number: not the decimals of a number such as the sigma_rel in "ema-0001000-0.050".
 _BARE_TRAILING = re.compile(r"(?:^|[-_]|(?<![0-9])\.)(\d+)$")
-_SNAPSHOT_NAME = re.compile(r".*-\d+-\d*\.\d+$")
+# EDM2 snapshot names end in the snapshot's sigma_rel (network-snapshot-0001000-0.050): the rest, then sigma.
+SIGMA_IN_NAME = re.compile(r"(?P<rest>.*)-(?P<sigma>\d*\.\d+)")
+# ema-pytorch PostHocEMA snapshot file: {index into sigma_rels}.{step}.pt
+EMA_PYTORCH_NAME = re.compile(r"(?P<index>\d+)\.(?P<step>\d+)\.pt")
+
+
+def is_snapshot_stem(stem: str) -> bool:
+    """``NAME-STEP-SIGMA`` (EDM2 style, e.g. ``ema-0001000-0.050``)."""
+    named = SIGMA_IN_NAME.fullmatch(stem)
+    return bool(named and re.search(r"-\d+$", named["rest"]))
+
+
+def looks_like_snapshot(path: Path) -> bool:
+    """An EMA snapshot file by its name: ``NAME-STEP-SIGMA.safetensors`` or ema-pytorch's ``INDEX.STEP.pt``."""
+    return bool(EMA_PYTORCH_NAME.fullmatch(path.name)) or (
+        path.suffix == ".safetensors" and is_snapshot_stem(path.stem)
+    )
 
 
 @dataclass(frozen=True)
@@ -101,7 +118,7 @@ def detect_step(
     if named is not None:
         return StepInfo(named[0], named[1], named[2])
     hint = ""
-    if _SNAPSHOT_NAME.fullmatch(stem):
+    if is_snapshot_stem(stem):
         hint = "; if it is an EMA snapshot (NAME-STEP-SIGMA), pass --tracked-sigma-rel S0,S1,..."
     raise StepError(
         f"{label}: no step found (no step metadata, no step in the name); pass --steps S0,S1,... "

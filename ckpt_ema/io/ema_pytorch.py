@@ -1,0 +1,43 @@
+"""ema-pytorch ``PostHocEMA`` snapshot files (``{index}.{step}.pt``): one snapshot of one tracked profile each."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ckpt_ema.errors import InputError
+from ckpt_ema.io.source import CheckpointSource, Part, TensorMeta, WeightFile, dtype_name
+from ckpt_ema.io.torch_pickle import StateDictFile, load_pickle
+
+EMA_PYTORCH_PREFIX = "ema_model."
+
+
+def open_ema_pytorch(path: Path) -> CheckpointSource:
+    """One ema-pytorch ``PostHocEMA`` snapshot file as a checkpoint source (tensors named without prefix).
+
+    Loaded only with ``torch.load(weights_only=True, mmap=True)`` (:func:`ckpt_ema.io.torch_pickle.load_pickle`):
+    no code from the file runs, and tensor data stays in the page cache until the engine reads it. The
+    weights are the entries under ``ema_model.``; ``initted`` and ``step`` (bool/int64, or FP16 in newer
+    versions) are the EMA's own bookkeeping and are left out.
+    """
+    state = load_pickle(path)
+    if not isinstance(state, Mapping):
+        raise InputError(f"{path}: not an ema-pytorch snapshot (holds a {type(state).__name__}, not a state dict)")
+    tensors: dict[str, TensorMeta] = {}
+    for key, value in state.items():
+        if isinstance(key, str) and key.startswith(EMA_PYTORCH_PREFIX) and isinstance(value, torch.Tensor):
+            dtype = dtype_name(value.dtype)
+            if dtype is None:
+                raise InputError(f"{path}: tensor {key!r} has unsupported dtype {value.dtype}")
+            tensors[key] = TensorMeta(dtype, tuple(value.shape))
+    if not tensors:
+        raise InputError(f"{path}: no {EMA_PYTORCH_PREFIX!r} tensors; not an ema-pytorch PostHocEMA snapshot")
+    del state  # reopened lazily, when the engine reads the data
+    weight_file = WeightFile(
+        path.name, path, tensors, {}, lambda: StateDictFile(load_pickle(path)), path.stat().st_size
+    )
+    source = CheckpointSource(path, "ema-pytorch PostHocEMA snapshot (weights_only)", [Part("", [weight_file])])
+    source.rename({key: key[len(EMA_PYTORCH_PREFIX) :] for key in tensors})
+    return source
