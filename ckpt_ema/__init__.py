@@ -21,7 +21,7 @@ _EXPORTS = {
     "MergeJob": "ckpt_ema.jobs.merge",
     "merge": "ckpt_ema.jobs.merge",
     "merge_to_state_dict": "ckpt_ema.jobs.merge",
-    "output_paths": "ckpt_ema.jobs.merge",
+    "output_paths": "ckpt_ema.output.paths",
     "plan_merge": "ckpt_ema.jobs.merge",
     "CkptEmaError": "ckpt_ema.errors",
     "InputError": "ckpt_ema.errors",
@@ -46,7 +46,7 @@ __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:
     from ckpt_ema.errors import CkptEmaError, InputError, OutputError, SeriesError, StepError, TargetError  # noqa: F401
-    from ckpt_ema.jobs.merge import MergeJob, merge, merge_to_state_dict, output_paths, plan_merge  # noqa: F401
+    from ckpt_ema.jobs.merge import MergeJob, merge, merge_to_state_dict, plan_merge  # noqa: F401
     from ckpt_ema.math.ema import (  # noqa: F401
         classic_coefficients,
         gamma_to_sigma_rel,
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         power_coefficients,
         sigma_rel_to_gamma,
     )
+    from ckpt_ema.output.paths import output_paths  # noqa: F401
     from ckpt_ema.plan.ema import plan_ema  # noqa: F401
     from ckpt_ema.plan.model import Plan  # noqa: F401
     from ckpt_ema.plan.targets import Target, parse_target, parse_targets  # noqa: F401

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ckpt_ema.jobs.distributed import INDEX_NAME, split_tensors, tensor_bytes
+from ckpt_ema.jobs.distributed import INDEX_NAME, split_tensors
 from ckpt_ema.plan.model import TensorPlan
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -30,8 +30,8 @@ def test_split_is_complete_balanced_and_in_plan_order():
         assert sorted(t.name for share in shares for t in share) == [t.name for t in tensors]
         for share in shares:
             assert [t.name for t in share] == sorted(t.name for t in share)  # plan order kept
-        loads = [sum(tensor_bytes(t) for t in share) for share in shares]
-        assert max(loads) - min(loads) <= max(tensor_bytes(t) for t in tensors)
+        loads = [sum(t.nbytes for t in share) for share in shares]
+        assert max(loads) - min(loads) <= max(t.nbytes for t in tensors)
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ckpt_ema.cli import main
 from ckpt_ema.output import writer
-from ckpt_ema.output.writer import TEMP_MARKER, SafetensorsWriter, WriteOptions, remove_stale_temps, write_options
+from ckpt_ema.output.writer import TEMP_MARKER, SafetensorsWriter, WriteOptions, remove_stale_temps
 
 STEPS = [100, 200, 300, 400, 500]
 TARGET = ["--half-life", "100"]  # no plan warning for this series (first share 6%, half-life = spacing)
@@ -430,16 +430,14 @@ def test_late_metadata_is_written_in_place_in_the_reserved_slot(tmp_path):
     tensors = [TensorPlan("w", (3,), True, "F32")]
     values = {"late.a": "0123456789abcdef", "late.b": "x" * 4}
     options = WriteOptions(late_metadata={"late.a": 16, "late.b": 4}, late_values=lambda: values)
-    with write_options(options):
-        sink = SafetensorsWriter(tmp_path / "t.safetensors", tensors, {"early": '"quoted" "late.a":"'})
+    sink = SafetensorsWriter(tmp_path / "t.safetensors", tensors, {"early": '"quoted" "late.a":"'}, options)
     sink.write("w", torch.tensor([1.0, 2.0, 3.0]))
     sink.commit()
     with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
         assert f.metadata() == {"early": '"quoted" "late.a":"', **values}
         assert f.get_tensor("w").tolist() == [1.0, 2.0, 3.0]
     values["late.b"] = "toolong"
-    with write_options(options):
-        sink = SafetensorsWriter(tmp_path / "u.safetensors", tensors, {})
+    sink = SafetensorsWriter(tmp_path / "u.safetensors", tensors, {}, options)
     sink.write("w", torch.zeros(3))
     with pytest.raises(RuntimeError, match="late.b"):
         sink.commit()

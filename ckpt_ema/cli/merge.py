@@ -11,7 +11,8 @@ import click
 from ckpt_ema.cli import main
 from ckpt_ema.cli.common import plan_from, progress_bar, run_pass, series_options, user_errors, warn
 from ckpt_ema.jobs import distributed
-from ckpt_ema.jobs.merge import MergeJob, output_paths
+from ckpt_ema.jobs.merge import MergeJob
+from ckpt_ema.output.paths import output_paths, sharded_output_folders
 from ckpt_ema.report.plots import plot_weights, require_matplotlib
 from ckpt_ema.report.text import describe_output, describe_plan
 
@@ -98,7 +99,9 @@ def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool) -> Non
     try:
         for warning in plan.warnings if rank == 0 else ():
             click.echo(f"warning: {warning}", err=True)
-        job = distributed.ShardedMerge(plan, distributed.output_folders(plan, output, force), warn)
+        job = distributed.ShardedMerge(
+            plan, sharded_output_folders(plan, output, distributed.file_names(), force), warn
+        )
         with progress_bar(job.total_bytes, f"merge rank {rank}", quiet or rank > 0) as bar:
             for done in job:
                 bar.update(done)

@@ -23,11 +23,11 @@ from ckpt_ema.jobs.sweep import (
     describe_sweep,
     discard_others,
     evaluate,
-    paths_in_folder,
     pick_best,
     sweep_json,
-    write_json,
 )
+from ckpt_ema.output.paths import paths_in_folder
+from ckpt_ema.output.writer import write_json_atomic
 from ckpt_ema.report.plots import plot_scores, require_matplotlib
 
 
@@ -108,7 +108,7 @@ def sweep(
         result.best = pick_best(result.candidates, result.maximize)
         if keep == "best":
             deleted = discard_others(result)
-    write_json(output / "sweep.json", sweep_json(result))
+    write_json_atomic(output / "sweep.json", sweep_json(result))
     if plot and result.best is not None:
         scored = result.candidates
         plot_scores(

@@ -17,7 +17,7 @@ from pathlib import Path
 from ckpt_ema.engine.merge_pass import MergePass
 from ckpt_ema.errors import CkptEmaError, InputError
 from ckpt_ema.jobs.merge import MergeJob, plan_merge
-from ckpt_ema.jobs.sweep import paths_in_folder
+from ckpt_ema.output.paths import paths_in_folder
 from ckpt_ema.plan.model import Plan
 
 

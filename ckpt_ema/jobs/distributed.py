@@ -19,8 +19,6 @@ With several machines, the inputs and ``OUT`` must be on a filesystem every mach
 from __future__ import annotations
 
 import heapq
-import json
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -29,9 +27,8 @@ import torch
 
 from ckpt_ema.engine.merge_pass import MergePass
 from ckpt_ema.errors import OutputError
-from ckpt_ema.io.safetensors_format import DTYPES
-from ckpt_ema.jobs.merge import output_metadata
-from ckpt_ema.output.writer import SafetensorsWriter
+from ckpt_ema.output.layouts import output_metadata
+from ckpt_ema.output.writer import SafetensorsWriter, write_json_atomic
 from ckpt_ema.plan.model import Plan, TensorPlan
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -46,37 +43,25 @@ def is_distributed() -> bool:
     return world()[1] > 1
 
 
-def tensor_bytes(tensor: TensorPlan) -> int:
-    return math.prod(tensor.shape) * DTYPES[tensor.out_dtype][1]
-
-
 def split_tensors(tensors: Sequence[TensorPlan], ranks: int) -> list[list[TensorPlan]]:
     """Each rank's tensors: largest first to the least loaded rank (ties: lowest rank), then in plan order."""
     heap = [(0, rank) for rank in range(ranks)]
     owner: dict[str, int] = {}
-    for tensor in sorted(tensors, key=lambda t: (-tensor_bytes(t), t.name)):
+    for tensor in sorted(tensors, key=lambda t: (-t.nbytes, t.name)):
         load, rank = heapq.heappop(heap)
         owner[tensor.name] = rank
-        heapq.heappush(heap, (load + tensor_bytes(tensor), rank))
+        heapq.heappush(heap, (load + tensor.nbytes, rank))
     return [[t for t in tensors if owner[t.name] == rank] for rank in range(ranks)]
+
+
+def file_names() -> list[str]:
+    """The files a distributed run writes into each output folder: the index and one shard per rank."""
+    _, ranks = world()
+    return [INDEX_NAME, *(shard_name(r, ranks) for r in range(ranks))]
 
 
 def shard_name(rank: int, ranks: int) -> str:
     return f"model-{rank + 1:05d}-of-{ranks:05d}.safetensors"
-
-
-def output_folders(plan: Plan, output: str | os.PathLike, force: bool) -> list[Path]:
-    """``output`` for one target, ``output/NAME`` for several; refuses to replace files without ``force``."""
-    out = Path(output)
-    folders = [out / o.name for o in plan.outputs] if len(plan.outputs) > 1 else [out]
-    _, ranks = world()
-    for folder in folders:
-        if folder.exists() and not folder.is_dir():
-            raise OutputError(f"{folder}: is a file; a distributed run writes a sharded folder")
-        for name in (INDEX_NAME, *(shard_name(r, ranks) for r in range(ranks))):
-            if (folder / name).exists() and not force:
-                raise OutputError(f"{folder / name}: already exists; pass --force to replace it")
-    return folders
 
 
 class ShardedMerge:
@@ -84,7 +69,7 @@ class ShardedMerge:
 
     Args:
         plan: the whole plan (every rank builds the same one from the headers).
-        folders: one output folder per target (:func:`output_folders`).
+        folders: one output folder per target (:func:`ckpt_ema.output.paths.sharded_output_folders`).
         on_warning: called with NaN/Inf warnings about this rank's tensors.
     """
 
@@ -147,12 +132,10 @@ def finish(job: ShardedMerge | None, ok: bool) -> None:
 def write_index(folder: Path, shares: Sequence[Sequence[TensorPlan]]) -> Path:
     """``model.safetensors.index.json``: ``metadata.total_size`` (bytes of tensor data) and ``weight_map``."""
     weight_map = {t.name: shard_name(rank, len(shares)) for rank, share in enumerate(shares) for t in share}
-    total = sum(tensor_bytes(t) for share in shares for t in share)
+    total = sum(t.nbytes for share in shares for t in share)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     path = folder / INDEX_NAME
-    temp = folder / f".{INDEX_NAME}.tmp-{os.getpid()}"
-    temp.write_text(json.dumps(index, indent=2) + "\n")
-    os.replace(temp, path)
+    write_json_atomic(path, index)
     return path
 
 

@@ -18,23 +18,21 @@ import torch
 from ckpt_ema.engine.merge_pass import MemorySink, MergePass
 from ckpt_ema.errors import OutputError, StrictError
 from ckpt_ema.jobs.integrity import HASH_WIDTH, InputHasher, diverged_checkpoints, sha256_key
-from ckpt_ema.output import layouts
+from ckpt_ema.output.layouts import open_output, output_metadata
+from ckpt_ema.output.paths import output_paths
 from ckpt_ema.output.writer import (
-    SafetensorsWriter,
+    OutputWriter,
     WriteOptions,
     check_free_space,
     output_size,
     remove_stale_temps,
-    write_options,
 )
 from ckpt_ema.plan.ema import plan_ema
 from ckpt_ema.plan.model import Plan
 from ckpt_ema.plan.posthoc import plan_posthoc
 from ckpt_ema.plan.targets import parse_targets
-from ckpt_ema.series.discover import file_id
 from ckpt_ema.series.load import load_series
 
-SUFFIX = ".safetensors"
 Numbers = Sequence[float | str]
 
 
@@ -94,46 +92,6 @@ def plan_merge(
     return plan_ema(checkpoints, targets, at=at, interp=interp, per_checkpoint=per_checkpoint, dtype=dtype)
 
 
-def output_paths(plan: Plan, output: str | os.PathLike, force: bool = False, fmt: str | None = None) -> list[Path]:
-    """Where each output goes: ``output`` itself for one target, ``output/NAME.safetensors`` for several.
-
-    An existing folder (or a path ending in ``/``) is always taken as the folder to write into. Refuses
-    to write over an input (or a hard link to one), or over an existing file without ``force``.
-    Folder checkpoints give folder outputs (``output``, or ``output/NAME/``) unless ``fmt="safetensors"``.
-    """
-    if layouts.writes_folder(plan, fmt):
-        return _outside_checkpoint_folders(plan, layouts.folder_output_paths(plan, output, force))
-    out = Path(output)
-    as_folder = len(plan.outputs) > 1 or out.is_dir() or str(output).endswith(os.sep)
-    if len(plan.outputs) > 1 and out.suffix == SUFFIX and not out.is_dir():
-        raise OutputError(
-            f"{out}: {len(plan.outputs)} targets are written into a folder, one file each; "
-            f"give a folder (e.g. -o {out.with_suffix('')}/), not a file name"
-        )
-    paths = [out / f"{o.name}{SUFFIX}" for o in plan.outputs] if as_folder else [out]
-    inputs = [c.path for c in plan.checkpoints + plan.ignored]
-    input_ids = {file_id(p): p for p in inputs}
-    for path in paths:
-        if path.exists() and path.is_dir():
-            raise OutputError(f"{path}: is a folder; give a file name for the output")
-        if path.exists() and file_id(path) in input_ids:
-            raise OutputError(f"{path}: is an input ({input_ids[file_id(path)]}); choose another output")
-        if path.exists() and not force:
-            raise OutputError(f"{path}: already exists; pass --force to replace it")
-    return _outside_checkpoint_folders(plan, paths)
-
-
-def _outside_checkpoint_folders(plan: Plan, paths: list[Path]) -> list[Path]:
-    """Refuse outputs inside a folder checkpoint of the series: an input is never added to."""
-    folders = [c.path.resolve() for c in plan.checkpoints + plan.ignored if c.path.is_dir()]
-    for path in paths:
-        resolved = path.resolve()
-        for folder in folders:
-            if folder in resolved.parents:
-                raise OutputError(f"{path}: is inside the checkpoint folder {folder}; choose another output")
-    return paths
-
-
 class MergeJob:
     """One pass writing every output of a plan to its file; iterate to run it, then ``commit()``.
 
@@ -164,7 +122,7 @@ class MergeJob:
         self.hasher: InputHasher | None = None
         for warning in plan.warnings if strict else ():
             self._warn(warning)
-        self.writers: list[SafetensorsWriter | layouts.FolderWriter] = []
+        self.writers: list[OutputWriter] = []
         for folder in {p.parent for p in self.paths}:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
@@ -175,11 +133,10 @@ class MergeJob:
             self.hasher = InputHasher(plan) if hash_inputs else None
             late = {sha256_key(i): HASH_WIDTH for i in self.hasher.hashed} if self.hasher else {}
             options = WriteOptions(verify=verify, late_metadata=late, late_values=self._input_hashes)
-            with write_options(options):
-                metadata = [output_metadata(plan, output) for output in plan.outputs]
-                check_free_space([(p, output_size(plan.tensors, m)) for p, m in zip(self.paths, metadata)])
-                for output, path, meta in zip(plan.outputs, self.paths, metadata):
-                    self.writers.append(layouts.open_output(plan, output, path, meta, fmt))
+            metadata = [output_metadata(plan, output) for output in plan.outputs]
+            check_free_space([(p, output_size(plan.tensors, m, options)) for p, m in zip(self.paths, metadata)])
+            for path, meta in zip(self.paths, metadata):
+                self.writers.append(open_output(plan, path, meta, fmt, options))
         except BaseException:
             self.abort()
             raise
@@ -226,12 +183,6 @@ class MergeJob:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             self.abort()
-
-
-def output_metadata(plan: Plan, output: object) -> dict[str, str]:
-    """The newest input's metadata, then ``format: pt`` and the ``ckpt_ema.*`` provenance (SPEC §6)."""
-    carried = layouts.carried_metadata(plan)
-    return {**carried, "format": "pt", **plan.provenance(output)}  # type: ignore[arg-type]
 
 
 def merge(

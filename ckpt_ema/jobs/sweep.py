@@ -6,21 +6,17 @@ only adds what comes after: running the evaluation, picking the best, and the ``
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import shlex
 import shutil
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_ema import __version__
-from ckpt_ema.jobs.merge import SUFFIX, output_paths
 from ckpt_ema.math import ema as kernels
-from ckpt_ema.output import layouts
 from ckpt_ema.plan.model import OutputPlan, Plan
 
 # A number standing on its own: not glued to a word or a path (``decay-0.9.safetensors``, ``step-000100``).
@@ -58,7 +54,6 @@ class SweepResult:
     eval_command: str | None = None
     maximize: bool = False
     best: int | None = None
-    warnings: list[str] = field(default_factory=list)
 
     @property
     def direction(self) -> str:
@@ -161,15 +156,8 @@ def sweep_json(result: SweepResult) -> dict[str, object]:
             }
             for c in result.candidates
         ],
-        "warnings": list(plan.warnings) + result.warnings,
+        "warnings": list(plan.warnings),
     }
-
-
-def write_json(path: Path, data: object) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temp, path)
 
 
 def describe_sweep(result: SweepResult) -> list[str]:
@@ -197,11 +185,3 @@ def describe_sweep(result: SweepResult) -> list[str]:
 def _tail(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return " | ".join(lines[-STDERR_TAIL_LINES:])
-
-
-def paths_in_folder(plan: Plan, folder: Path, force: bool = False) -> list[Path]:
-    """Each output's path inside ``folder``, named after its target (also for a single output)."""
-    if len(plan.outputs) == 1:
-        name = plan.outputs[0].name + ("" if layouts.writes_folder(plan, None) else SUFFIX)
-        return output_paths(plan, folder / name, force=force)
-    return output_paths(plan, folder, force=force)

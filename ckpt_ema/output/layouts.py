@@ -24,8 +24,7 @@ import torch
 
 from ckpt_ema.errors import OutputError
 from ckpt_ema.io import CheckpointSource
-from ckpt_ema.io.safetensors_format import DTYPES
-from ckpt_ema.output.writer import TEMP_MARKER, SafetensorsWriter, _process_alive
+from ckpt_ema.output.writer import TEMP_MARKER, OutputWriter, SafetensorsWriter, WriteOptions, remove_stale_temps
 from ckpt_ema.plan.model import OutputPlan, Plan, TensorPlan
 from ckpt_ema.series.load import checkpoint_stem
 
@@ -47,6 +46,12 @@ def carried_metadata(plan: Plan) -> dict[str, str]:
     return carried
 
 
+def output_metadata(plan: Plan, output: OutputPlan) -> dict[str, str]:
+    """The newest input's metadata, then ``format: pt`` and the ``ckpt_ema.*`` provenance (SPEC §6)."""
+    carried = carried_metadata(plan)
+    return {**carried, "format": "pt", **plan.provenance(output)}
+
+
 def writes_folder(plan: Plan, fmt: str | None) -> bool:
     """Whether the outputs are folders (folder checkpoints, unless ``--format safetensors``)."""
     source = plan.newest.source
@@ -65,37 +70,21 @@ def writes_folder(plan: Plan, fmt: str | None) -> bool:
     return source.is_folder if fmt is None else fmt == "folder"
 
 
-def folder_output_paths(plan: Plan, output: str | os.PathLike, force: bool) -> list[Path]:
-    """``output`` itself for one target, ``output/NAME/`` for several; never an input or a folder holding one."""
-    out = Path(output)
-    if out.suffix.lower() == ".safetensors":
-        raise OutputError(
-            f"{out}: the checkpoints are folders ({plan.newest.path.name}), so the EMA is a folder like them; "
-            "give a folder name, or pass --format safetensors for one file"
-        )
-    paths = [out / o.name for o in plan.outputs] if len(plan.outputs) > 1 else [out]
-    inputs = [c.path.resolve() for c in plan.checkpoints + plan.ignored]
-    for path in paths:
-        resolved = path.resolve()
-        for input_path in inputs:
-            if resolved == input_path or resolved in input_path.parents:
-                raise OutputError(f"{path}: would replace the input {input_path}; choose another output")
-        if path.exists() and not path.is_dir():
-            raise OutputError(f"{path}: is a file; a folder checkpoint's EMA is a folder")
-        if path.exists() and not force:
-            raise OutputError(f"{path}: already exists; pass --force to replace it")
-    return paths
-
-
-def open_output(plan: Plan, output: OutputPlan, path: Path, metadata: Mapping[str, str], fmt: str | None):
+def open_output(
+    plan: Plan,
+    path: Path,
+    metadata: Mapping[str, str],
+    fmt: str | None,
+    options: WriteOptions | None = None,
+) -> OutputWriter:
     """The sink that writes one output: a ``SafetensorsWriter`` or a ``FolderWriter``."""
     if writes_folder(plan, fmt):
-        return FolderWriter(path, plan, metadata)
+        return FolderWriter(path, plan, metadata, options)
     source = plan.newest.source
     prefix = source.parts[0].prefix if source.is_folder else ""
     if not prefix:
-        return SafetensorsWriter(path, plan.tensors, metadata)
-    return _Unprefixed(SafetensorsWriter(path, [_strip(t, prefix) for t in plan.tensors], metadata), prefix)
+        return SafetensorsWriter(path, plan.tensors, metadata, options)
+    return _Unprefixed(SafetensorsWriter(path, [_strip(t, prefix) for t in plan.tensors], metadata, options), prefix)
 
 
 def _strip(tensor: TensorPlan, prefix: str) -> TensorPlan:
@@ -132,15 +121,18 @@ def output_file_name(relpath: str) -> str:
 class FolderWriter:
     """Writes one output folder mirroring the newest checkpoint; ``commit`` renames it into place."""
 
-    def __init__(self, path: Path, plan: Plan, metadata: Mapping[str, str]) -> None:
+    def __init__(
+        self, path: Path, plan: Plan, metadata: Mapping[str, str], options: WriteOptions | None = None
+    ) -> None:
         self.path = path
+        self._options = options
         self.temp = path.parent / f".{path.name}{TEMP_MARKER}{os.getpid()}"
         source: CheckpointSource = plan.newest.source
         self._writers: list[SafetensorsWriter] = []
         self._route: dict[str, tuple[SafetensorsWriter, str]] = {}
         self._indexes: list[tuple[Path, dict[str, object]]] = []
         try:
-            _remove_stale_folders(path)
+            remove_stale_temps(path.parent)
             self.temp.mkdir(parents=True)
             self._open_writers(source, plan.tensors, metadata)
             self._copy_files(source)
@@ -167,12 +159,12 @@ class FolderWriter:
                 relpath = output_file_name(weight_file.relpath)
                 destination = self.temp / relpath
                 destination.parent.mkdir(parents=True, exist_ok=True)
-                writer = SafetensorsWriter(destination, inner, metadata)
+                writer = SafetensorsWriter(destination, inner, metadata, self._options)
                 self._writers.append(writer)
                 for tensor in inner:
                     self._route[part.prefix + tensor.name] = (writer, tensor.name)
                     weight_map[tensor.name] = relpath.rpartition("/")[2]
-                    total += tensor_bytes(tensor)
+                    total += tensor.nbytes
             if part.index_name is not None:
                 index_name = output_file_name(part.index_name.removesuffix(".index.json")) + ".index.json"
                 index_path = self.temp / (f"{part.folder}/{index_name}" if part.folder else index_name)
@@ -226,18 +218,3 @@ class FolderWriter:
         for writer in self._writers:
             writer.abort()
         shutil.rmtree(self.temp, ignore_errors=True)
-
-
-def tensor_bytes(tensor: TensorPlan) -> int:
-    size = DTYPES[tensor.out_dtype][1]
-    for dim in tensor.shape:
-        size *= dim
-    return size
-
-
-def _remove_stale_folders(path: Path) -> None:
-    """Temporary folders left next to ``path`` by runs that died."""
-    for candidate in path.parent.glob(f".{path.name}{TEMP_MARKER}*"):
-        pid = candidate.name.rsplit(TEMP_MARKER, 1)[-1]
-        if candidate.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(candidate, ignore_errors=True)

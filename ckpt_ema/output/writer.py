@@ -12,17 +12,18 @@ reserves a fixed-width value of spaces for it, rewritten in place before the ren
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -43,7 +44,7 @@ DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 @dataclass(frozen=True)
 class WriteOptions:
-    """How the writers created inside :func:`write_options` behave (one job's settings).
+    """How a job's writers behave (passed to each writer, also those nested in a folder layout).
 
     ``late_metadata``: metadata keys whose values are only known at commit (key -> width in characters),
     filled from ``late_values()``. ``verify``: read each file back before renaming it into place.
@@ -54,17 +55,23 @@ class WriteOptions:
     late_values: Callable[[], Mapping[str, str]] | None = None
 
 
-_OPTIONS: contextvars.ContextVar[WriteOptions] = contextvars.ContextVar("ckpt_ema_write_options")
+class OutputWriter(Protocol):
+    """Writes one output (a file or a folder): tensors in plan order, then ``commit`` renames it into place."""
+
+    path: Path
+
+    def write(self, name: str, data: torch.Tensor) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
-@contextlib.contextmanager
-def write_options(options: WriteOptions) -> Iterator[None]:
-    """Writers created in this block use ``options`` (so that writers nested in folder layouts get them)."""
-    token = _OPTIONS.set(options)
-    try:
-        yield
-    finally:
-        _OPTIONS.reset(token)
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON (indented, newline-terminated) atomically: a temporary file in the same folder, then a rename."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(temp, path)
 
 
 def temp_path_for(path: Path) -> Path:
@@ -73,11 +80,12 @@ def temp_path_for(path: Path) -> Path:
 
 
 def remove_stale_temps(folder: Path) -> list[Path]:
-    """Delete temporary files left in ``folder`` by runs that died.
+    """Delete temporary files and folders left in ``folder`` by runs that died.
 
     A file is stale when nobody holds its lock (a writer holds it until it finishes; the kernel drops it
     when the process dies, even on ``kill -9``) and its process is gone or it is old (reused process id).
-    Symbolic links and anything but regular files are left alone.
+    A temporary folder (a folder output being built) is stale when its process is gone. Symbolic links and
+    anything but regular files and folders are left alone.
     """
     removed = []
     for candidate in folder.glob(f".*{TEMP_MARKER}*"):
@@ -86,6 +94,11 @@ def remove_stale_temps(folder: Path) -> list[Path]:
             continue
         try:
             info = os.lstat(candidate)
+            if stat.S_ISDIR(info.st_mode):
+                if not _process_alive(int(pid_text)):
+                    shutil.rmtree(candidate, ignore_errors=True)
+                    removed.append(candidate)
+                continue
             if not stat.S_ISREG(info.st_mode):
                 continue
             stale = not _process_alive(int(pid_text)) or time.time() - info.st_mtime > STALE_SECONDS
@@ -143,9 +156,9 @@ def check_free_space(outputs: Sequence[tuple[Path, int]]) -> None:
             )
 
 
-def output_size(tensors: Sequence[TensorPlan], metadata: Mapping[str, str]) -> int:
-    """Size in bytes of the file a writer with these tensors and metadata writes."""
-    header, sizes = build_header(tensors, {**metadata, **_placeholders(_current_options())})
+def output_size(tensors: Sequence[TensorPlan], metadata: Mapping[str, str], options: WriteOptions | None = None) -> int:
+    """Size in bytes of the file a writer with these tensors, metadata and options writes."""
+    header, sizes = build_header(tensors, {**metadata, **_placeholders(options or WriteOptions())})
     return len(header) + sum(sizes)
 
 
@@ -168,10 +181,6 @@ def build_header(tensors: Sequence[TensorPlan], metadata: Mapping[str, str]) -> 
     return len(text).to_bytes(8, "little") + text, sizes
 
 
-def _current_options() -> WriteOptions:
-    return _OPTIONS.get(WriteOptions())
-
-
 def _placeholders(options: WriteOptions) -> dict[str, str]:
     return {key: " " * width for key, width in options.late_metadata.items()}
 
@@ -189,10 +198,16 @@ def _slot(header: bytes, key: str, width: int) -> int:
 class SafetensorsWriter:
     """Streams one safetensors file; tensors must be written in the order given, each exactly once."""
 
-    def __init__(self, path: str | os.PathLike, tensors: Sequence[TensorPlan], metadata: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tensors: Sequence[TensorPlan],
+        metadata: Mapping[str, str],
+        options: WriteOptions | None = None,
+    ) -> None:
         self.path = Path(path)
         self.temp_path = temp_path_for(self.path)
-        self._options = _current_options()
+        self._options = options or WriteOptions()
         self._metadata = {**metadata, **_placeholders(self._options)}
         header, self._sizes = build_header(tensors, self._metadata)
         self._slots = {k: _slot(header, k, w) for k, w in self._options.late_metadata.items()}
@@ -202,7 +217,6 @@ class SafetensorsWriter:
         self._written = 0
         self._skip_empty()
         self.total_bytes = len(header) + sum(self._sizes)
-        self._header_bytes = len(header)
         self._digest = hashlib.sha256() if self._options.verify else None
         self._file = None
         try:

@@ -6,6 +6,7 @@ builds this matrix; the engine applies it in one streaming pass over the checkpo
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ import numpy as np
 from ckpt_ema import __version__
 from ckpt_ema.errors import TargetError
 from ckpt_ema.io import is_lora_alpha
+from ckpt_ema.io.safetensors_format import DTYPES
 from ckpt_ema.math import ema as kernels
 from ckpt_ema.plan.kinds import METHODS
 from ckpt_ema.series.load import Checkpoint
@@ -42,6 +44,11 @@ class TensorPlan:
     shape: tuple[int, ...]
     is_float: bool
     out_dtype: str  # safetensors dtype name of the output
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor in the output."""
+        return math.prod(self.shape) * DTYPES[self.out_dtype][1]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,103 @@
+"""Where outputs go: the one policy for every command (merge, sweep, batch, torchrun merges).
+
+One target writes ``-o`` itself; several write into the folder ``-o``, one file (or folder) each, named
+after the target. An output never replaces an input (or a hard link to one), never lands inside a folder
+checkpoint of the series, and replaces an existing output only with ``--force``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ckpt_ema.errors import OutputError
+from ckpt_ema.output.layouts import writes_folder
+from ckpt_ema.plan.model import Plan
+from ckpt_ema.series.discover import file_id
+
+SUFFIX = ".safetensors"
+
+
+def output_paths(plan: Plan, output: str | os.PathLike, force: bool = False, fmt: str | None = None) -> list[Path]:
+    """Where each output goes: ``output`` itself for one target, ``output/NAME.safetensors`` for several.
+
+    An existing folder (or a path ending in ``/``) is always taken as the folder to write into. Refuses
+    to write over an input (or a hard link to one), or over an existing file without ``force``.
+    Folder checkpoints give folder outputs (``output``, or ``output/NAME/``) unless ``fmt="safetensors"``.
+    """
+    if writes_folder(plan, fmt):
+        return _outside_checkpoint_folders(plan, folder_output_paths(plan, output, force))
+    out = Path(output)
+    as_folder = len(plan.outputs) > 1 or out.is_dir() or str(output).endswith(os.sep)
+    if len(plan.outputs) > 1 and out.suffix == SUFFIX and not out.is_dir():
+        raise OutputError(
+            f"{out}: {len(plan.outputs)} targets are written into a folder, one file each; "
+            f"give a folder (e.g. -o {out.with_suffix('')}/), not a file name"
+        )
+    paths = [out / f"{o.name}{SUFFIX}" for o in plan.outputs] if as_folder else [out]
+    inputs = [c.path for c in plan.checkpoints + plan.ignored]
+    input_ids = {file_id(p): p for p in inputs}
+    for path in paths:
+        if path.exists() and path.is_dir():
+            raise OutputError(f"{path}: is a folder; give a file name for the output")
+        if path.exists() and file_id(path) in input_ids:
+            raise OutputError(f"{path}: is an input ({input_ids[file_id(path)]}); choose another output")
+        if path.exists() and not force:
+            raise OutputError(f"{path}: already exists; pass --force to replace it")
+    return _outside_checkpoint_folders(plan, paths)
+
+
+def _outside_checkpoint_folders(plan: Plan, paths: list[Path]) -> list[Path]:
+    """Refuse outputs inside a folder checkpoint of the series: an input is never added to."""
+    folders = [c.path.resolve() for c in plan.checkpoints + plan.ignored if c.path.is_dir()]
+    for path in paths:
+        resolved = path.resolve()
+        for folder in folders:
+            if folder in resolved.parents:
+                raise OutputError(f"{path}: is inside the checkpoint folder {folder}; choose another output")
+    return paths
+
+
+def folder_output_paths(plan: Plan, output: str | os.PathLike, force: bool) -> list[Path]:
+    """``output`` itself for one target, ``output/NAME/`` for several; never an input or a folder holding one."""
+    out = Path(output)
+    if out.suffix.lower() == ".safetensors":
+        raise OutputError(
+            f"{out}: the checkpoints are folders ({plan.newest.path.name}), so the EMA is a folder like them; "
+            "give a folder name, or pass --format safetensors for one file"
+        )
+    paths = [out / o.name for o in plan.outputs] if len(plan.outputs) > 1 else [out]
+    inputs = [c.path.resolve() for c in plan.checkpoints + plan.ignored]
+    for path in paths:
+        resolved = path.resolve()
+        for input_path in inputs:
+            if resolved == input_path or resolved in input_path.parents:
+                raise OutputError(f"{path}: would replace the input {input_path}; choose another output")
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"{path}: is a file; a folder checkpoint's EMA is a folder")
+        if path.exists() and not force:
+            raise OutputError(f"{path}: already exists; pass --force to replace it")
+    return paths
+
+
+def paths_in_folder(plan: Plan, folder: Path, force: bool = False) -> list[Path]:
+    """Each output's path inside ``folder``, named after its target (also for a single output)."""
+    if len(plan.outputs) == 1:
+        name = plan.outputs[0].name + ("" if writes_folder(plan, None) else SUFFIX)
+        return output_paths(plan, folder / name, force=force)
+    return output_paths(plan, folder, force=force)
+
+
+def sharded_output_folders(plan: Plan, output: str | os.PathLike, file_names: Sequence[str], force: bool) -> list[Path]:
+    """A distributed run's folders: ``output`` for one target, ``output/NAME`` for several, each to hold
+    ``file_names``; refuses to replace those files without ``force``, and folders inside an input."""
+    out = Path(output)
+    folders = [out / o.name for o in plan.outputs] if len(plan.outputs) > 1 else [out]
+    for folder in folders:
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"{folder}: is a file; a distributed run writes a sharded folder")
+        for name in file_names:
+            if (folder / name).exists() and not force:
+                raise OutputError(f"{folder / name}: already exists; pass --force to replace it")
+    return _outside_checkpoint_folders(plan, folders)
