@@ -6,8 +6,8 @@ each block and each target, the inputs are added in step order, four at a time:
 ``t = a[i] + c0*x0; t += c1*x1; t += c2*x2; a[i] = t + c3*x3``, which is the same sequence of FP32
 operations as adding them one by one (``acc = c_0 x_0``, then ``acc += c_j x_j``), each a multiply-add
 rounded to FP32 once (a fused multiply-add where the CPU has one, as torch's ``add_(x, alpha=c)`` does),
-while the accumulator stays in registers across the four inputs. Targets are processed two at a time so
-that each input value is converted once for both.
+while the accumulator stays in registers across the four inputs. Targets are processed four at a time
+(then pairs, then one), so that each input value is converted once for all of them.
 
 Inputs are BF16 or FP32 (all inputs of a call the same), outputs BF16 or FP32; BF16 -> FP32 is exact (a
 shift), FP32 -> BF16 rounds to nearest even like torch. Other cases go to the pure-torch path of the

@@ -42,11 +42,11 @@ import numpy as np
 import torch
 
 from ckpt_ema.engine import fused
-from ckpt_ema.io.safetensors_format import DTYPES
+from ckpt_ema.io.safetensors_format import DTYPES, TORCH_TO_NAME
 from ckpt_ema.plan.model import Plan, TensorPlan
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 18  # torch kernel: 1 MB FP32 chunks stay in L2 (measured best of 2^14..2^20)
-FUSED_CHUNK_ELEMENTS = 1 << 20  # fused kernel: blocks of fused.BLOCK inside, spread over the cores
+FUSED_CHUNK_ELEMENTS = 1 << 20  # fused kernel: cut into blocks (_fused_numba.BLOCK) spread over the cores
 KERNELS = ("auto", "fused", "torch")
 
 
@@ -60,6 +60,12 @@ def choose_kernel(kernel: str | None = None) -> str:
     if kernel == "auto":
         return "fused" if fused.AVAILABLE else "torch"
     return kernel
+
+
+class ReadObserver(Protocol):
+    """Told before the pass reads a tensor of a checkpoint (the input hasher follows the reads this way)."""
+
+    def before_read(self, checkpoint: int, name: str) -> None: ...
 
 
 class TensorSink(Protocol):
@@ -134,6 +140,7 @@ class MergePass:
         on_warning: called with a message for each input tensor holding NaN or Inf.
         kernel: ``"auto"``, ``"fused"`` or ``"torch"`` (default: ``CKPT_EMA_KERNEL`` or ``"auto"``).
         tensors: the tensors to compute (default: all of ``plan.tensors``; a distributed rank's share).
+        observer: told before each read of a checkpoint's tensor (``ReadObserver``).
     """
 
     def __init__(
@@ -144,6 +151,7 @@ class MergePass:
         on_warning: Callable[[str], None] | None = None,
         kernel: str | None = None,
         tensors: Sequence[TensorPlan] | None = None,
+        observer: ReadObserver | None = None,
     ) -> None:
         if len(sinks) != len(plan.outputs):
             raise ValueError("one sink per output is needed")
@@ -155,11 +163,12 @@ class MergePass:
         self.chunk_elements = chunk_elements
         self.on_warning = on_warning or (lambda message: None)
         self.tensors = tuple(plan.tensors if tensors is None else tensors)
+        self.observer = observer
         self._warned: set[tuple[str, int]] = set()
         self.coefficients = plan.coefficient_matrix()  # (outputs, checkpoints) float64
-        self.used_inputs = [j for j in range(len(plan.checkpoints)) if self.coefficients[:, j].any()]
+        self.used_inputs = used_inputs(plan)
         self._coefs32 = np.ascontiguousarray(self.coefficients[:, self.used_inputs], dtype=np.float32)
-        self.total_bytes = sum(self._bytes_read(t) for t in self.tensors)
+        self.total_bytes = bytes_read(plan, self.tensors)
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -177,7 +186,7 @@ class MergePass:
                 self._copy_newest(tensor)
                 yield self._bytes_read(tensor)
             else:
-                views = [self.plan.checkpoints[j].source.flat(tensor.name) for j in self.used_inputs]
+                views = [self._read(j, tensor.name) for j in self.used_inputs]
                 if not span.extends(tensor, views) or span.numel + math.prod(tensor.shape) > SPAN_LIMIT:
                     yield from self._flush(span)
                     span = _Span()
@@ -191,18 +200,22 @@ class MergePass:
                 yield self._bytes_read(tensor)
 
     def _bytes_read(self, tensor: TensorPlan) -> int:
-        readers = self.used_inputs if tensor.is_float else [len(self.plan.checkpoints) - 1]
-        return sum(self.plan.checkpoints[j].source.tensors[tensor.name].nbytes for j in readers)
+        return _tensor_bytes_read(self.plan, tensor, self.used_inputs)
+
+    def _read(self, checkpoint: int, name: str) -> torch.Tensor:
+        if self.observer is not None:
+            self.observer.before_read(checkpoint, name)
+        return self.plan.checkpoints[checkpoint].source.flat(name)
 
     def _copy_newest(self, tensor: TensorPlan) -> None:
-        data = self.plan.newest.source.flat(tensor.name)
+        data = self._read(len(self.plan.checkpoints) - 1, tensor.name)
         for sink in self.sinks:
             sink.write(tensor.name, data)
 
     def _merge_span(self, span: _Span) -> None:
         inputs = span.inputs()
         out_name = span.tensors[0].out_dtype
-        in_names = {DTYPES_BY_TORCH.get(x.dtype) for x in inputs}
+        in_names = {TORCH_TO_NAME.get(x.dtype) for x in inputs}
         in_name = in_names.pop() if len(in_names) == 1 else None
         use_fused = self.kernel == "fused" and in_name in fused.INPUT_KINDS and out_name in fused.OUTPUT_KINDS
         chunk = min(self.chunk_elements or (FUSED_CHUNK_ELEMENTS if use_fused else DEFAULT_CHUNK_ELEMENTS), span.numel)
@@ -270,7 +283,21 @@ class MergePass:
                     self.on_warning(f"{ckpt.path}: tensor {tensor.name!r} (step {ckpt.step}) has NaN or Inf values")
 
 
-DTYPES_BY_TORCH = {torch_dtype: name for name, (torch_dtype, _, _) in DTYPES.items()}
+def used_inputs(plan: Plan) -> list[int]:
+    """The checkpoints the pass reads: those with a non-zero coefficient in some output."""
+    coefficients = plan.coefficient_matrix()
+    return [j for j in range(len(plan.checkpoints)) if coefficients[:, j].any()]
+
+
+def bytes_read(plan: Plan, tensors: Sequence[TensorPlan] | None = None) -> int:
+    """The input bytes a pass over ``tensors`` (default: all of the plan's) reads, for progress bars."""
+    used = used_inputs(plan)
+    return sum(_tensor_bytes_read(plan, t, used) for t in (plan.tensors if tensors is None else tensors))
+
+
+def _tensor_bytes_read(plan: Plan, tensor: TensorPlan, used: Sequence[int]) -> int:
+    readers = used if tensor.is_float else [len(plan.checkpoints) - 1]  # non-float: copied from the newest
+    return sum(plan.checkpoints[j].source.tensors[tensor.name].nbytes for j in readers)
 
 
 class _Pieces:

@@ -164,12 +164,6 @@ class SafetensorsReader:
         raw = torch.frombuffer(buffer, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
         return raw.clone().view(torch_dtype)  # misaligned data (header not padded): copy once
 
-    def raw_bytes(self, name: str) -> memoryview:
-        info = self.header.tensors[name]
-        if info.nbytes == 0:
-            return memoryview(b"")
-        return memoryview(self._mapping())[info.begin : info.end]
-
     def _mapping(self) -> mmap.mmap:
         if self._map is None:
             path = self.header.path

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from ckpt_ema.io.safetensors_format import DTYPES, TORCH_TO_NAME, TensorInfo
+from ckpt_ema.io.safetensors_format import DTYPES, TORCH_TO_NAME
 
 # Parameter names of LoRA factors (kohya, PEFT, OneTrainer/OMI) and of their scale.
 LORA_FACTOR_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up")
@@ -31,11 +31,24 @@ def is_lora_factor(name: str) -> bool:
     return any(marker in name for marker in LORA_FACTOR_MARKERS)
 
 
-class TensorMeta(TensorInfo):
-    """A tensor's dtype and shape where no byte range applies (torch files); ``nbytes`` still holds."""
+@dataclass(frozen=True)
+class TensorMeta:
+    """A tensor's dtype name and shape where the file gives no byte range (torch pickles)."""
 
-    def __init__(self, dtype: str, shape: tuple[int, ...]) -> None:
-        super().__init__(dtype, tuple(shape), 0, math.prod(shape) * DTYPES[dtype][1])
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return DTYPES[self.dtype][2]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
 
 
 def dtype_name(dtype: torch.dtype) -> str | None:
@@ -43,8 +56,17 @@ def dtype_name(dtype: torch.dtype) -> str | None:
 
 
 class TensorInfoLike(Protocol):
-    dtype: str
-    shape: tuple[int, ...]
+    """What every reader knows of a tensor from headers alone: a ``TensorInfo`` (safetensors, with its
+    byte range) or a ``TensorMeta``."""
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def numel(self) -> int: ...
 
     @property
     def is_float(self) -> bool: ...

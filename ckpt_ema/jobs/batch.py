@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ckpt_ema.engine.merge_pass import MergePass
+from ckpt_ema.engine.merge_pass import bytes_read
 from ckpt_ema.errors import CkptEmaError, InputError
 from ckpt_ema.jobs.merge import MergeJob, plan_merge
 from ckpt_ema.output.paths import paths_in_folder
@@ -64,7 +64,7 @@ def run_tasks(run_dirs: Sequence[str | os.PathLike], out_root: str | os.PathLike
 def prepare(task: RunTask, force: bool = False, **options: object) -> None:
     """Plan the run (headers only) and keep the outputs not written yet; a failure is stored in ``task.error``.
 
-    ``options`` are those of :func:`api.plan_merge` (targets, ``init``, ``interp``, ``dtype``, ...).
+    ``options`` are those of :func:`ckpt_ema.jobs.merge.plan_merge` (targets, ``init``, ``interp``, ``dtype``, ...).
     """
     try:
         plan = plan_merge([task.run_dir], **options)  # type: ignore[arg-type]
@@ -76,8 +76,7 @@ def prepare(task: RunTask, force: bool = False, **options: object) -> None:
             warnings = tuple(w for w in plan.warnings if not any(w.startswith(f"{name}: ") for name in done))
             task.plan = replace(plan, outputs=tuple(plan.outputs[i] for i in todo), warnings=warnings)
             task.paths = [paths[i] for i in todo]
-            # the pass's own count; its sinks are not used before iterating, so none are opened yet
-            task.total_bytes = MergePass(task.plan, [None] * len(todo)).total_bytes  # type: ignore[list-item]
+            task.total_bytes = bytes_read(task.plan)
     except (CkptEmaError, OSError) as exc:
         task.error = _reason(exc)
 

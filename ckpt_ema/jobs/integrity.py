@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,16 +65,11 @@ class InputHasher:
         self.hashed: list[int] = []  # checkpoints whose files are known, so whose SHA-256 is recorded
         for j, checkpoint in enumerate(plan.checkpoints):
             source = checkpoint.source
-            if not hasattr(source, "files"):  # a reader without weight files: hash its one file, if it is one
-                if source.path.is_file():
-                    self.hashed.append(j)
-                    self._files[(j, 0)] = _FileState(source.path, source.path.stat().st_size, [], False)
-                continue
             self.hashed.append(j)
             names = {(source.file_number(n), source.stored_name(n)): n for n in source.tensors}
             for number, weight_file in enumerate(source.files):
                 infos = weight_file.tensors.values()
-                known = all(type(info) is TensorInfo for info in infos)  # real byte ranges (safetensors)
+                known = all(isinstance(info, TensorInfo) for info in infos)  # real byte ranges (safetensors)
                 spans = sorted(
                     (info.begin, info.end, names.get((number, stored), stored), info.dtype)
                     for stored, info in weight_file.tensors.items()
@@ -90,12 +85,12 @@ class InputHasher:
         self._alive = 0
         self._workers: list[threading.Thread] = []
 
-    def paced_plan(self) -> Plan:
-        """``plan`` whose sources move the hashers forward whenever the engine reads a tensor."""
-        checkpoints = tuple(
-            replace(c, source=_PacedSource(c.source, self, j)) for j, c in enumerate(self.plan.checkpoints)
-        )
-        return replace(self.plan, checkpoints=checkpoints)
+    def before_read(self, checkpoint: int, name: str) -> None:
+        """The engine is about to read ``name`` of ``checkpoint``: hash its file at least up to the tensor's end."""
+        source = self.plan.checkpoints[checkpoint].source
+        number = source.file_number(name)
+        info = source.files[number].tensors[source.stored_name(name)]
+        self.advance((checkpoint, number), info.end if isinstance(info, TensorInfo) else 0)
 
     def advance(self, key: tuple[int, int], end: int) -> None:
         """Ask for file ``key`` (checkpoint, file number) to be hashed at least up to byte ``end``."""
@@ -126,7 +121,7 @@ class InputHasher:
             raise self._error
         digests = {}
         for j in self.hashed:
-            files = getattr(self.plan.checkpoints[j].source, "files", [None])
+            files = self.plan.checkpoints[j].source.files
             hexes = [self._files[(j, n)].sha.hexdigest() for n in range(len(files))]
             if len(files) == 1:
                 digests[j] = hexes[0]
@@ -217,28 +212,6 @@ class InputHasher:
         if state.fd is not None:
             os.close(state.fd)
             state.fd = None
-
-
-class _PacedSource:
-    """A checkpoint source whose ``flat`` first moves the hasher of the tensor's file up to its end."""
-
-    def __init__(self, source: object, hasher: InputHasher, index: int) -> None:
-        self._source = source
-        self._hasher = hasher
-        self._index = index
-
-    def flat(self, name: str) -> torch.Tensor:
-        source = self._source
-        if hasattr(source, "files"):
-            number = source.file_number(name)
-            info = source.files[number].tensors[source.stored_name(name)]
-            self._hasher.advance((self._index, number), info.end)
-        elif self._index in self._hasher.hashed:
-            self._hasher.advance((self._index, 0), 0)  # layout unknown: the whole file
-        return source.flat(name)  # type: ignore[attr-defined]
-
-    def __getattr__(self, attribute: str) -> object:
-        return getattr(self._source, attribute)
 
 
 def diverged_checkpoints(plan: Plan, norms: Sequence[dict[str, float]], warn: Callable[[str], None]) -> None:

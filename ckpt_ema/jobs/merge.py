@@ -140,8 +140,7 @@ class MergeJob:
         except BaseException:
             self.abort()
             raise
-        paced = self.hasher.paced_plan() if self.hasher else plan
-        self.merge_pass = MergePass(paced, self.writers, chunk_elements, self._warn)
+        self.merge_pass = MergePass(plan, self.writers, chunk_elements, self._warn, observer=self.hasher)
         self.total_bytes = self.merge_pass.total_bytes
 
     def __len__(self) -> int:

@@ -75,12 +75,12 @@ def _with_warnings(plan: Plan, targets: Sequence[Target]) -> Plan:
             f"steps are unevenly spaced (gaps of {min(gaps)} to {max(gaps)} steps): "
             "the weights between distant checkpoints are interpolated more coarsely"
         )
-    guessed = [c for c in plan.checkpoints if getattr(c.source, "other_keys", None)]
+    guessed = [c for c in plan.checkpoints if c.source.other_keys]
     if guessed:  # a torch file holding several state dicts (e.g. timm's state_dict and state_dict_ema)
         source = guessed[0].source
         warnings.append(
-            f"{len(guessed)} torch file(s) hold several state dicts; took {source.state_dict_key!r} "  # type: ignore[attr-defined]
-            f"(also found {', '.join(map(repr, source.other_keys))} in {source.path.name}); pass --key to choose"  # type: ignore[attr-defined]
+            f"{len(guessed)} torch file(s) hold several state dicts; took {source.state_dict_key!r} "
+            f"(also found {', '.join(map(repr, source.other_keys))} in {source.path.name}); pass --key to choose"
         )
     ambiguous = [c for c in plan.checkpoints if c.step_info.ambiguous]
     if ambiguous:

@@ -161,8 +161,6 @@ def _checkpoint_json(c: Checkpoint) -> dict[str, object]:
 def _reader_json(c: Checkpoint) -> dict[str, object]:
     """What the reader understood: the format, its choices (``--key``, prefixes) and the files not read."""
     source = c.source
-    if not hasattr(source, "format"):
-        return {}
     return {
         "format": source.format,
         "notes": list(source.notes),
