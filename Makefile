@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # torch's CPU build: pinned so that pip never pulls a multi-GB CUDA build on a CPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test test-fast lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +23,13 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
 lint: install
 	$(VENV)/bin/ruff check ckpt_ema tests benchmarks
 	$(VENV)/bin/ruff format --check ckpt_ema tests benchmarks
+	$(PY) -m mypy
 
 format: install
 	$(VENV)/bin/ruff format ckpt_ema tests benchmarks

@@ -7,6 +7,10 @@ does not import torch::
     >>> plan = plan_merge(["runs/"], decay=[0.999], sigma_rel=[0.1])   # headers only
     >>> plan.coefficient_matrix()                                       # (outputs x checkpoints)
     >>> merge(["runs/"], "ema.safetensors", decay=[0.999])              # -> [Path("ema.safetensors")]
+
+Layers, top to bottom (imports run down, checked by tests/test_architecture.py): ``cli`` -> ``jobs`` ->
+``report`` -> ``output`` | ``engine`` -> ``plan`` -> ``series`` -> ``io`` -> ``math``. Docstrings cite the
+math and conventions of docs/spec.md as "spec §N".
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import ckpt_ema.cli.batch as batch_cli
-from ckpt_ema.cli import main
+
+from .reference import invoke as run
 
 STEPS = [100, 200, 300, 400]
 OFFSETS = {"r1": 0.0, "r2": 1000.0, "r3": 5000.0}
@@ -42,10 +43,6 @@ def truth(decay: float, offset: float, steps=STEPS) -> float:
 @pytest.fixture
 def runs(tmp_path) -> list[Path]:
     return [write_run(tmp_path / "runs" / name, offset) for name, offset in OFFSETS.items()]
-
-
-def run(*args) -> CliRunner.Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def table(result: CliRunner.Result) -> dict[str, list[str]]:

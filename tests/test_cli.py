@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from ckpt_ema import merge_to_state_dict
 from ckpt_ema.cli import main
 
+from .reference import invoke as run
+
 STEPS = [100, 200, 300, 400, 500]
 
 
@@ -42,10 +44,6 @@ def series(tmp_path) -> list[Path]:
         write_checkpoint(tmp_path / "run" / f"step-{s:06d}.safetensors", s, metadata={"modelspec.title": f"t{s}"})
         for s in STEPS
     ]
-
-
-def run(*args) -> CliRunner.Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def expected_linear_ema(decay: float, steps=STEPS) -> float:

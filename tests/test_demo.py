@@ -11,6 +11,7 @@ import pytest
 from ckpt_ema import demo
 
 
+@pytest.mark.slow
 def test_demo_runs_and_an_ema_beats_the_last_checkpoint(tmp_path, capsys):
     demo.main(str(tmp_path / "demo-out"))
     out = capsys.readouterr().out

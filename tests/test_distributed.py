@@ -34,6 +34,7 @@ def test_split_is_complete_balanced_and_in_plan_order():
         assert max(loads) - min(loads) <= max(t.nbytes for t in tensors)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to this Python")
 def test_two_processes_write_the_same_tensors_as_one(tmp_path):
     series = tmp_path / "run"

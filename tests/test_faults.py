@@ -26,9 +26,10 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ckpt_ema.cli import main
 from ckpt_ema.output import writer
 from ckpt_ema.output.writer import TEMP_MARKER, SafetensorsWriter, WriteOptions, remove_stale_temps
+
+from .reference import invoke as run
 
 STEPS = [100, 200, 300, 400, 500]
 TARGET = ["--half-life", "100"]  # no plan warning for this series (first share 6%, half-life = spacing)
@@ -51,10 +52,6 @@ def make_series(folder: Path, tensors: int = 8, size: int = 64, scale=None, step
 
 def temps(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if TEMP_MARKER in p.name)
-
-
-def run(*args) -> CliRunner.Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def one_error_line(result: CliRunner.Result) -> str:
@@ -123,6 +120,7 @@ def wait_for(condition, timeout: float = 30.0) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_never_leaves_a_partial_output(tmp_path):
     inputs = make_series(tmp_path / "run", tensors=300, size=1024)  # 5 x 1.2 MB, 300 tensors each
     out_folder = tmp_path / "out"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from .formats_reference import assert_close, ema_reference, run
+from .reference import assert_close, ema_reference, run
 
 STEPS = [500, 1000, 1500]
 BETA = 0.995

@@ -15,7 +15,7 @@ from ckpt_ema import io as readers
 from ckpt_ema import merge, merge_to_state_dict
 from ckpt_ema.io.safetensors_format import SafetensorsReader
 
-from .formats_reference import assert_close, ema_reference, run
+from .reference import assert_close, ema_reference, run
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .formats_reference import assert_close, ema_reference, run
+from .reference import assert_close, ema_reference, run
 
 BETA = 0.98
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ckpt_ema import io as readers
 
-from .formats_reference import assert_close, ema_reference, run
+from .reference import assert_close, ema_reference, run
 
 BETA = 0.97
 STEPS = [50, 100, 150]

@@ -217,6 +217,7 @@ headers = st.dictionaries(
 )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(header=headers, data_size=st.integers(0, 96), length_delta=st.sampled_from([0, 0, 0, -1, 1, 7, 2**40]))
 def test_fuzz_structured_headers(header, data_size, length_delta):

@@ -9,17 +9,7 @@ import pytest
 
 from ckpt_ema.math import ema as kernels
 
-
-def gamma_by_bisection(sigma_rel: float) -> float:
-    """Independent inverse of sigma_rel(gamma) = sqrt((g+1)/((g+2)^2 (g+3))), which decreases in g."""
-    lo, hi = 1e-12, 1e7
-    for _ in range(200):
-        mid = math.sqrt(lo * hi)
-        if math.sqrt((mid + 1) / ((mid + 2) ** 2 * (mid + 3))) > sigma_rel:
-            lo = mid
-        else:
-            hi = mid
-    return math.sqrt(lo * hi)
+from .reference import gamma_by_bisection
 
 
 def brute_force(steps, step_weight, first_weight, interp):

@@ -1,4 +1,4 @@
-"""EDM2 post-hoc EMA from saved EMA snapshots (SPEC §4), through the command line.
+"""EDM2 post-hoc EMA from saved EMA snapshots (spec §4), through the command line.
 
 The truth is a tiny float64 training run whose power EMAs (sigma_rel 0.05 and 0.10, and the targets) are
 updated at every step with the per-step EDM2 rule ``beta_t = (1 - 1/t)^(gamma+1)`` while it trains.
@@ -25,6 +25,9 @@ from safetensors.torch import load_file, save_file
 from ckpt_ema import merge_to_state_dict
 from ckpt_ema.cli import main
 
+from .reference import gamma_by_bisection as ref_gamma
+from .reference import power_inner as ref_power_dot
+from .reference import simpson_samples as ref_simpson
 from .training import make_model
 
 TRACKED = (0.05, 0.10)
@@ -39,26 +42,6 @@ State = dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------------------------
 # independent references
 # ----------------------------------------------------------------------------------------------
-
-
-def ref_gamma(sigma: float) -> float:
-    """Bisection on sigma_rel(gamma) = sqrt((g+1)/((g+2)^2 (g+3))), decreasing in gamma (SPEC §3)."""
-    lo, hi = 0.0, 1e4
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if math.sqrt((mid + 1) / ((mid + 2) ** 2 * (mid + 3))) > sigma else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
-def ref_power_dot(ta: float, ga: float, tb: float, gb: float) -> float:
-    """SPEC §4: <p_a, p_b> = (ga+1)(gb+1)/(ga+gb+1) * ta^gb / tb^(gb+1) for ta <= tb."""
-    if ta > tb:
-        ta, ga, tb, gb = tb, gb, ta, ga
-    return (ga + 1) * (gb + 1) / (ga + gb + 1) * ta**gb / tb ** (gb + 1)
-
-
-def ref_simpson(y: np.ndarray, h: float) -> float:
-    return float(h / 3 * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum()))
 
 
 def ref_exp_power_dot(t: float, decay: float, ts: float, gs: float, n: int = 400_000) -> float:
@@ -89,7 +72,7 @@ def ref_solve(steps, gammas, a_target, target_norm2):
 
 
 def errors(result: State, truth: State, last: State) -> tuple[float, float]:
-    """SPEC §7: rel = |a - truth| / |truth| and sig = |a - truth| / |truth - theta(T)|, float tensors."""
+    """spec §7: rel = |a - truth| / |truth| and sig = |a - truth| / |truth - theta(T)|, float tensors."""
     diff = sum(float(((result[k].double() - truth[k]) ** 2).sum()) for k in truth)
     norm = sum(float((truth[k] ** 2).sum()) for k in truth)
     dist = sum(float(((truth[k] - last[k]) ** 2).sum()) for k in truth)

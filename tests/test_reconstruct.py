@@ -1,4 +1,4 @@
-"""Tests for ckpt_ema.math.reconstruct (SPEC §3, §4).
+"""Tests for ckpt_ema.math.reconstruct (spec §3, §4).
 
 Every expected value comes from an independent computation written here: published numbers, bisection on
 the sigma_rel formula, brute-force composite Simpson integration of the profile densities, and a
@@ -26,6 +26,11 @@ from ckpt_ema.math.reconstruct import (
     truncated_exp_sigma_rel,
 )
 
+from .reference import gamma_by_bisection as ref_gamma_bisect
+from .reference import power_inner as ref_power_inner_closed
+from .reference import sigma_rel_of as ref_sigma_rel
+from .reference import simpson as ref_simpson
+
 # ----------------------------------------------------------------------------------------------
 # independent references
 # ----------------------------------------------------------------------------------------------
@@ -41,45 +46,12 @@ def ref_exp_density(t: float, decay: float):
     return lambda u: lam * np.exp(-lam * (t - u)) / norm
 
 
-def ref_simpson(f, a: float, b: float, n: int = 200_000) -> float:
-    """Composite Simpson's rule with n (even) intervals."""
-    if b <= a:
-        return 0.0
-    x = np.linspace(a, b, n + 1)
-    y = f(x)
-    h = (b - a) / n
-    return float(h / 3.0 * (y[0] + y[-1] + 4.0 * y[1:-1:2].sum() + 2.0 * y[2:-1:2].sum()))
-
-
 def ref_integrate(f, m: float, lam: float | None = None) -> float:
     """Integral of f over [0, m]; with an exponential factor of rate lam, resolve its last 60/lam steps."""
     if lam is None or 60.0 / lam >= m:
         return ref_simpson(f, 0.0, m)
     cut = m - 60.0 / lam
     return ref_simpson(f, 0.0, cut) + ref_simpson(f, cut, m)
-
-
-def ref_sigma_rel(g: float) -> float:
-    return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
-
-
-def ref_gamma_bisect(sigma: float) -> float:
-    """sigma_rel(gamma) is decreasing on gamma > 0: bisect for sigma_rel(gamma) = sigma."""
-    lo, hi = 0.0, 1e6
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if ref_sigma_rel(mid) > sigma:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
-def ref_power_inner_closed(ta: float, ga: float, tb: float, gb: float) -> float:
-    """SPEC §4 closed form, written directly (profile a ends first)."""
-    if ta > tb:
-        ta, ga, tb, gb = tb, gb, ta, ga
-    return (ga + 1.0) * (gb + 1.0) / (ga + gb + 1.0) * ta**gb / tb ** (gb + 1.0)
 
 
 def ref_solve(steps, gammas, target_step, target_inner, target_norm2):

@@ -1,4 +1,4 @@
-"""Step detection from names and trainer metadata (SPEC §1)."""
+"""Step detection from names and trainer metadata (spec §1)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,9 @@ from safetensors.torch import load_file, save_file
 from ckpt_ema.cli import main
 from ckpt_ema.jobs.sweep import parse_score
 
+from .reference import gamma_by_bisection as gamma_of
+from .reference import invoke as run
+
 STEPS = [100, 200, 300, 400, 500]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -66,11 +69,6 @@ def classic_truth(decay: float, steps=STEPS) -> float:
     return ema
 
 
-def gamma_of(sigma_rel: float) -> float:
-    roots = np.roots([1.0, 7.0, 16.0 - sigma_rel**-2, 12.0 - sigma_rel**-2])
-    return max(r.real for r in roots if abs(r.imag) < 1e-9)
-
-
 def power_truth(sigma_rel: float, steps=STEPS) -> float:
     """EDM2's per-step weights (t^(g+1) - (t-1)^(g+1)) / T^(g+1); steps before the first checkpoint at its value."""
     g, total = gamma_of(sigma_rel), steps[-1]
@@ -90,10 +88,6 @@ def score_cmd(tmp_path) -> str:
     script = tmp_path / "score.py"
     script.write_text(SCORE_SCRIPT)
     return f"{sys.executable} {script} {{path}}"
-
-
-def run(*args) -> CliRunner.Result:
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_sweep_writes_every_candidate_in_one_pass_equal_to_per_step_emas(tmp_path, run_dir):

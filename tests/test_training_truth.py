@@ -1,4 +1,4 @@
-"""The tool against a per-step EMA tracked in float64 during a real tiny training run (SPEC §2-3, §7)."""
+"""The tool against a per-step EMA tracked in float64 during a real tiny training run (spec §2-3, §7)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_every_step_checkpoints_reproduce_classic_ema(tmp_path, states, decay, i
 @pytest.mark.parametrize("interp", ["linear", "hold"])
 @pytest.mark.parametrize("sigma_rel", [0.05, 0.10, 0.25])
 def test_every_step_checkpoints_reproduce_power_ema(tmp_path, states, sigma_rel, interp):
-    from tests.test_kernels import gamma_by_bisection
+    from tests.reference import gamma_by_bisection
 
     save_series(states, tmp_path / "run", range(STEPS + 1))
     out = tmp_path / "ema.safetensors"

@@ -1,6 +1,6 @@
 """A tiny real training run whose EMAs are tracked step by step in float64: the truth the tool must match.
 
-Nothing here uses ckpt_ema: the per-step EMAs are the textbook recurrences (SPEC §2-3), computed while the
+Nothing here uses ckpt_ema: the per-step EMAs are the textbook recurrences (spec §2-3), computed while the
 model trains, independent of the tool's closed-form coefficients.
 """
 
@@ -73,14 +73,14 @@ def save_series(
 
 
 def rel_error(result: State, truth: State) -> float:
-    """``||a - b|| / ||b||`` over all float tensors together (SPEC §7)."""
+    """``||a - b|| / ||b||`` over all float tensors together (spec §7)."""
     num = sum(float(((result[k].double() - truth[k]) ** 2).sum()) for k in truth)
     den = sum(float((truth[k] ** 2).sum()) for k in truth)
     return (num / den) ** 0.5
 
 
 def sig_error(result: State, truth: State, last: State) -> float:
-    """``||a - truth|| / ||truth - theta(T)||`` (SPEC §7): 0 is perfect, 1 no better than the last weights."""
+    """``||a - truth|| / ||truth - theta(T)||`` (spec §7): 0 is perfect, 1 no better than the last weights."""
     num = sum(float(((result[k].double() - truth[k]) ** 2).sum()) for k in truth)
     den = sum(float(((truth[k] - last[k].double()) ** 2).sum()) for k in truth)
     return (num / den) ** 0.5

@@ -83,7 +83,7 @@ def merge(
         job.commit()
     if options["as_json"]:
         summary = plan.to_json()
-        for entry, path in zip(summary["outputs"], paths):  # type: ignore[union-attr]
+        for entry, path in zip(summary["outputs"], paths):
             entry["path"] = str(path)
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:

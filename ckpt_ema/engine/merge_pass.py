@@ -220,7 +220,7 @@ class MergePass:
         use_fused = self.kernel == "fused" and in_name in fused.INPUT_KINDS and out_name in fused.OUTPUT_KINDS
         chunk = min(self.chunk_elements or (FUSED_CHUNK_ELEMENTS if use_fused else DEFAULT_CHUNK_ELEMENTS), span.numel)
         pieces = _Pieces(span, self.sinks)
-        if use_fused:
+        if use_fused and in_name is not None:
             out = np.empty((len(self.sinks), chunk), dtype=fused.OUTPUT_KINDS[out_name])
             out_torch = torch.from_numpy(out)
             if out_name == "BF16":

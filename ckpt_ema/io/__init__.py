@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ckpt_ema.errors import InputError
-from ckpt_ema.io.folder import CHECKPOINT_FOLDER_NAME, WEIGHT_NAME, is_checkpoint_folder, open_folder  # noqa: F401
+from ckpt_ema.io.folder import is_checkpoint_folder, open_folder
 from ckpt_ema.io.safetensors_file import open_safetensors_file
 from ckpt_ema.io.source import CheckpointSource, FileNote, Part, TensorMeta, WeightFile, is_lora_alpha, is_lora_factor
 from ckpt_ema.io.torch_pickle import TORCH_SUFFIXES, open_torch_file

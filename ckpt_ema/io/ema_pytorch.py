@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ckpt_ema.errors import InputError
-from ckpt_ema.io.source import CheckpointSource, Part, TensorMeta, WeightFile, dtype_name
+from ckpt_ema.io.source import CheckpointSource, Part, TensorInfoLike, TensorMeta, WeightFile, dtype_name
 from ckpt_ema.io.torch_pickle import StateDictFile, load_pickle
 
 EMA_PYTORCH_PREFIX = "ema_model."
@@ -22,10 +22,8 @@ def open_ema_pytorch(path: Path) -> CheckpointSource:
     weights are the entries under ``ema_model.``; ``initted`` and ``step`` (bool/int64, or FP16 in newer
     versions) are the EMA's own bookkeeping and are left out.
     """
-    state = load_pickle(path)
-    if not isinstance(state, Mapping):
-        raise InputError(f"{path}: not an ema-pytorch snapshot (holds a {type(state).__name__}, not a state dict)")
-    tensors: dict[str, TensorMeta] = {}
+    state = _state_dict(path)
+    tensors: dict[str, TensorInfoLike] = {}
     for key, value in state.items():
         if isinstance(key, str) and key.startswith(EMA_PYTORCH_PREFIX) and isinstance(value, torch.Tensor):
             dtype = dtype_name(value.dtype)
@@ -36,8 +34,15 @@ def open_ema_pytorch(path: Path) -> CheckpointSource:
         raise InputError(f"{path}: no {EMA_PYTORCH_PREFIX!r} tensors; not an ema-pytorch PostHocEMA snapshot")
     del state  # reopened lazily, when the engine reads the data
     weight_file = WeightFile(
-        path.name, path, tensors, {}, lambda: StateDictFile(load_pickle(path)), path.stat().st_size
+        path.name, path, tensors, {}, lambda: StateDictFile(_state_dict(path)), path.stat().st_size
     )
     source = CheckpointSource(path, "ema-pytorch PostHocEMA snapshot (weights_only)", [Part("", [weight_file])])
     source.rename({key: key[len(EMA_PYTORCH_PREFIX) :] for key in tensors})
     return source
+
+
+def _state_dict(path: Path) -> Mapping[str, object]:
+    state = load_pickle(path)
+    if not isinstance(state, Mapping):
+        raise InputError(f"{path}: not an ema-pytorch snapshot (holds a {type(state).__name__}, not a state dict)")
+    return state

@@ -105,7 +105,8 @@ def _scan_part(folder: Path, name: str, ignored: list[FileNote]) -> tuple[Part |
                     f"({len(weight_file.tensors)} in the file, {len(expected)} in the map)"
                 )
         used = {index_path.name, *shards}
-        meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+        found = index.get("metadata")
+        meta: dict[str, object] = found if isinstance(found, dict) else {}
         part = Part(name, weight_files, index_path.name, {k: v for k, v in meta.items() if k != "total_size"})
         for other in files:
             if other.name not in used and other.suffix in (".safetensors", ".bin") and WEIGHT_NAME.match(other.name):

@@ -15,6 +15,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,18 +85,18 @@ def find_state_dict(path: Path, loaded: object, key: str | None) -> tuple[str | 
                 keys = ", ".join(repr(k) for k in loaded if isinstance(k, str))
                 raise InputError(f"{path}: no key {key!r} (top-level keys: {keys})")
             value = value[part]
-        if not _tensor_count(value):
+        if not isinstance(value, Mapping) or not _tensor_count(value):
             raise InputError(f"{path}: key {key!r} holds no tensors")
-        return key, value, []  # type: ignore[return-value]
+        return key, value, []
     candidates = [k for k in STATE_DICT_KEYS if _tensor_count(loaded.get(k))]
     top = _tensor_count(loaded)
     if candidates and top <= len(loaded) // 2:  # a checkpoint dict (Lightning, timm), not a state dict
-        return candidates[0], loaded[candidates[0]], candidates[1:]  # type: ignore[return-value]
+        return candidates[0], loaded[candidates[0]], candidates[1:]
     if top:
         return None, loaded, candidates
     nested = [k for k, v in loaded.items() if isinstance(k, str) and _tensor_count(v)]
     if len(nested) == 1:
-        return nested[0], loaded[nested[0]], []  # type: ignore[return-value]
+        return nested[0], loaded[nested[0]], []
     if nested:
         raise InputError(f"{path}: several dicts of tensors ({', '.join(map(repr, nested))}); choose one with --key")
     raise InputError(f"{path}: no state dict found (no tensors at the top level or under {', '.join(STATE_DICT_KEYS)})")
@@ -114,7 +115,17 @@ class StateDictFile:
         return tensor.contiguous().reshape(-1)
 
 
-def torch_weight_file(path: Path, relpath: str, key: str | None = None) -> tuple[WeightFile, dict[str, object]]:
+@dataclass
+class LoadInfo:
+    """What was learnt while loading a torch file: where its state dict was, what else it held."""
+
+    key: str | None  # the key of the state dict (None: the top level)
+    others: list[str]  # other keys holding state dicts (not chosen)
+    skipped: list[str]  # entries of the state dict that are not tensors
+    top: object  # the whole loaded object (for the trainer's records: global_step, epoch, ...)
+
+
+def torch_weight_file(path: Path, relpath: str, key: str | None = None) -> tuple[WeightFile, LoadInfo]:
     """A weight file for a torch pickle, plus what was learnt while loading it (``info``)."""
     loaded = load_pickle(path)
     chosen, state, others = find_state_dict(path, loaded, key)
@@ -128,7 +139,7 @@ def torch_weight_file(path: Path, relpath: str, key: str | None = None) -> tuple
         if dtype is None:
             raise InputError(f"{path}: tensor {name!r} has dtype {value.dtype}, which ckpt-ema does not handle")
         tensors[str(name)] = TensorMeta(dtype, tuple(value.shape))
-    info: dict[str, object] = {"key": chosen, "others": others, "skipped": skipped, "top": loaded}
+    info = LoadInfo(chosen, list(others), skipped, loaded)
 
     def reopen() -> StateDictFile:
         again = load_pickle(path)
@@ -141,17 +152,17 @@ def torch_weight_file(path: Path, relpath: str, key: str | None = None) -> tuple
 
 def open_torch_file(path: Path, key: str | None = None) -> CheckpointSource:
     weight_file, info = torch_weight_file(path, path.name, key)
-    top = info.pop("top")
+    top = info.top
     source = CheckpointSource(path, "torch file (weights_only)", [Part("", [weight_file])])
-    source.state_dict_key = info["key"]  # type: ignore[assignment]
-    source.other_keys = list(info["others"])  # type: ignore[call-overload]
-    if info["key"] is not None:
-        others = info["others"]
+    source.state_dict_key = info.key
+    source.other_keys = list(info.others)
+    if info.key is not None:
+        others = info.others
         alt = f"; also found {', '.join(map(repr, others))} (--key to choose)" if others else ""
-        source.notes.append(f"state dict under key {info['key']!r}{alt}")
-        source.format += f", key {info['key']!r}"
-    if info["skipped"]:
-        skipped = info["skipped"]
+        source.notes.append(f"state dict under key {info.key!r}{alt}")
+        source.format += f", key {info.key!r}"
+    if info.skipped:
+        skipped = info.skipped
         source.notes.append(f"{len(skipped)} non-tensor entries of the state dict skipped ({', '.join(skipped[:4])})")
     if isinstance(top, Mapping):
         step = top.get("global_step")
@@ -162,5 +173,5 @@ def open_torch_file(path: Path, key: str | None = None) -> CheckpointSource:
         if "arch" in top and isinstance(epoch, int) and "global_step" not in top:  # timm CheckpointSaver
             source.epoch_numbered = f"the file records epoch {epoch}"
         if "pytorch-lightning_version" in top:
-            source.format = f"Lightning checkpoint {top['pytorch-lightning_version']}, key {info['key']!r}"
+            source.format = f"Lightning checkpoint {top['pytorch-lightning_version']}, key {info.key!r}"
     return source

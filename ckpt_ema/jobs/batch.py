@@ -45,7 +45,8 @@ class RunTask:
 
 def run_tasks(run_dirs: Sequence[str | os.PathLike], out_root: str | os.PathLike) -> list[RunTask]:
     """One task per run folder, named after the folder; raise ``InputError`` for a non-folder or a repeated name."""
-    tasks, seen = [], {}
+    tasks: list[RunTask] = []
+    seen: dict[str, Path] = {}
     for run_dir in run_dirs:
         path = Path(run_dir)
         if not path.is_dir():

@@ -92,7 +92,7 @@ class Checkup:
     def __init__(
         self,
         inputs: Sequence[str | os.PathLike],
-        decay: float | None = None,
+        decay: float | str | None = None,
         dtype: str | None = None,
         ema: str | os.PathLike | None = None,
         init: str | os.PathLike | None = None,

@@ -73,7 +73,7 @@ class InputHasher:
                 spans = sorted(
                     (info.begin, info.end, names.get((number, stored), stored), info.dtype)
                     for stored, info in weight_file.tensors.items()
-                    if known and info.is_float and info.end > info.begin
+                    if isinstance(info, TensorInfo) and known and info.is_float and info.end > info.begin
                 )
                 self._files[(j, number)] = _FileState(weight_file.path, weight_file.size, spans, known)
         self._lock = threading.Lock()

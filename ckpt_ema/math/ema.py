@@ -1,6 +1,6 @@
 """Pure float64 math: how much each checkpoint weighs in a post-hoc EMA. No files, no tensors.
 
-Conventions (../shared/SPEC.md §1-3):
+Conventions (docs/spec.md §1-3):
 - time is counted in optimizer steps; ``steps`` is a strictly increasing sequence ``s_0 < ... < s_n`` and the
   target time is ``T = s_n``;
 - ``decay`` is the EMA decay per optimizer step (beta); ``gamma`` the exponent of a power-function EMA
@@ -64,7 +64,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 def classic_coefficients(steps: Sequence[int], decay: float, interp: str = "linear") -> np.ndarray:
     """Coefficients of the classic EMA ``ema(t) = beta*ema(t-1) + (1-beta)*theta(t)`` at ``T = steps[-1]``.
 
-    The EMA starts at the first checkpoint, ``ema(s_0) = theta(s_0)`` (SPEC §2), so ``theta(s_0)`` keeps
+    The EMA starts at the first checkpoint, ``ema(s_0) = theta(s_0)`` (spec §2), so ``theta(s_0)`` keeps
     ``beta**(T - s_0)`` and step ``t`` in ``(s_0, T]`` weighs ``(1 - beta) * beta**(T - t)``.
     """
     s = _check_steps(steps)

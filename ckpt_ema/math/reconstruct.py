@@ -1,19 +1,19 @@
 """Post-hoc EMA reconstruction from snapshots of power-function EMAs (pure float64 math).
 
 Implements the post-hoc EMA of Karras et al., "Analyzing and Improving the Training Dynamics of
-Diffusion Models" (EDM2, CVPR 2024), as fixed by SPEC §3 (power profiles, sigma_rel <-> gamma) and
-SPEC §4 (least-squares reconstruction). Written from the formulas only.
+Diffusion Models" (EDM2, CVPR 2024), as fixed by spec §3 (power profiles, sigma_rel <-> gamma) and
+spec §4 (least-squares reconstruction). Written from the formulas only.
 
 Every EMA is described by its *profile*: a probability density over training time ``tau`` that says how
 much the averaged weights owe to the raw weights at ``tau``.
 
-* power profile ending at ``t`` with exponent ``gamma`` (SPEC §3):
+* power profile ending at ``t`` with exponent ``gamma`` (spec §3):
   ``p(tau) = (gamma+1) tau^gamma / t^(gamma+1)`` on ``[0, t]``;
-* exponential profile ending at ``t`` with per-step decay ``beta`` (classic EMA, SPEC §2), truncated to
+* exponential profile ending at ``t`` with per-step decay ``beta`` (classic EMA, spec §2), truncated to
   ``[0, t]`` and renormalised: ``e(tau) = lam exp(-lam (t - tau)) / (1 - exp(-lam t))``, ``lam = -ln beta``.
 
 A target profile is approximated by ``sum_i x_i p_i`` with ``x`` the L2 least-squares solution of
-``A x = b`` (``A_ij = <p_i, p_j>``, ``b_i = <p_i, target>``), then normalised to ``sum x = 1`` (SPEC §4).
+``A x = b`` (``A_ij = <p_i, p_j>``, ``b_i = <p_i, target>``), then normalised to ``sum x = 1`` (spec §4).
 Time is continuous; steps are used as given (floats). Inner products are L2 over ``[0, max(t_a, t_b)]``.
 """
 
@@ -97,7 +97,7 @@ def _rate(name: str, decay: object) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# tracked profiles given by the user (SPEC §3; the sigma_rel <-> gamma conversion lives in kernels)
+# tracked profiles given by the user (spec §3; the sigma_rel <-> gamma conversion lives in kernels)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -145,14 +145,14 @@ def truncated_exp_sigma_rel(t: float, decay: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# inner products of profiles (SPEC §4), L2 over time
+# inner products of profiles (spec §4), L2 over time
 # --------------------------------------------------------------------------------------------------
 
 
 def power_inner(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> float:
     """<p_a, p_b> for power profiles ending at t_a and t_b (any order).
 
-    SPEC §4: for ``t_1 <= t_2``, ``(g1+1)(g2+1)/(g1+g2+1) * t_1^g2 / t_2^(g2+1)``, evaluated as
+    spec §4: for ``t_1 <= t_2``, ``(g1+1)(g2+1)/(g1+g2+1) * t_1^g2 / t_2^(g2+1)``, evaluated as
     ``(t_1/t_2)^g2 / t_2`` so large gammas and steps cannot overflow. Requires ``g1 + g2 > -1``
     (otherwise the product is not integrable at 0 and the inner product is infinite).
     """
@@ -164,7 +164,7 @@ def power_inner(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> float
 
 
 def _power_inner(ta: float, ga: float, tb: float, gb: float) -> float:
-    # SPEC §4 closed form, with (t1, g1) the profile that ends first.
+    # spec §4 closed form, with (t1, g1) the profile that ends first.
     if ta > tb:
         ta, ga, tb, gb = tb, gb, ta, ga
     return (ga + 1.0) * (gb + 1.0) / (ga + gb + 1.0) * (ta / tb) ** gb / tb
@@ -268,7 +268,7 @@ def _kummer_k_quadrature(g: float, c: float) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
-# reconstruction (SPEC §4)
+# reconstruction (spec §4)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -296,7 +296,7 @@ def solve_reconstruction(
     target_decay: float | None = None,
     rcond: float = 1e-12,
 ) -> Reconstruction:
-    """Coefficients x with sum x_i p_i ~ target in L2 over time (SPEC §4, EDM2 post-hoc EMA).
+    """Coefficients x with sum x_i p_i ~ target in L2 over time (spec §4, EDM2 post-hoc EMA).
 
     Snapshot i is a power profile with exponent ``snap_gammas[i]`` ending at ``snap_steps[i]``; the
     target is a power profile (``target_gamma``) or a truncated exponential one (``target_decay``,
@@ -402,7 +402,7 @@ def _target_inner(t: np.ndarray, g: np.ndarray, t_target: float, kind: str, valu
 
 
 def _gram(t: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """A_ij = <p_i, p_j>, the SPEC §4 closed form of :func:`_power_inner` for all pairs at once."""
+    """A_ij = <p_i, p_j>, the spec §4 closed form of :func:`_power_inner` for all pairs at once."""
     ti, tj = t[:, None], t[None, :]
     gi, gj = g[:, None], g[None, :]
     later = np.maximum(ti, tj)

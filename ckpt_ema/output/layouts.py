@@ -34,7 +34,7 @@ STALE_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash"
 
 
 def carried_metadata(plan: Plan) -> dict[str, str]:
-    """The newest input's metadata for the output (SPEC §6), with ``modelspec.merged_from`` naming the
+    """The newest input's metadata for the output (spec §6), with ``modelspec.merged_from`` naming the
     inputs when the files carry modelspec (kohya, OneTrainer) and hashes of the input's bytes dropped."""
     carried = {
         k: v
@@ -47,7 +47,7 @@ def carried_metadata(plan: Plan) -> dict[str, str]:
 
 
 def output_metadata(plan: Plan, output: OutputPlan) -> dict[str, str]:
-    """The newest input's metadata, then ``format: pt`` and the ``ckpt_ema.*`` provenance (SPEC §6)."""
+    """The newest input's metadata, then ``format: pt`` and the ``ckpt_ema.*`` provenance (spec §6)."""
     carried = carried_metadata(plan)
     return {**carried, "format": "pt", **plan.provenance(output)}
 

@@ -237,7 +237,7 @@ class SafetensorsWriter:
         """Append (part of) tensor ``name``; ``data`` is contiguous in the output dtype."""
         if self._index >= len(self._names) or name != self._names[self._index]:
             raise RuntimeError(f"tensor {name!r} written out of order")
-        view = memoryview(data.reshape(-1).view(torch.uint8).numpy())
+        view = data.reshape(-1).view(torch.uint8).numpy().data
         try:
             self._file.write(view)  # type: ignore[union-attr]
         except OSError as exc:
@@ -267,7 +267,8 @@ class SafetensorsWriter:
                 os.fsync(self._file.fileno())  # type: ignore[union-attr]
                 if self._digest is not None:
                     self._verify()
-                self._file.close()  # type: ignore[union-attr]  (releases the lock: the file is complete)
+                # closing releases the lock: the file is complete
+                self._file.close()  # type: ignore[union-attr]
                 os.replace(self.temp_path, self.path)
             except OSError as exc:
                 self.abort()  # first, so that the free space reported does not count our own file

@@ -10,6 +10,7 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class Plan:
         return np.array([o.coefficients for o in self.outputs], dtype=np.float64).reshape(len(self.outputs), -1)
 
     def provenance(self, output: OutputPlan) -> dict[str, str]:
-        """``ckpt_ema.*`` metadata for one output (SPEC §6)."""
+        """``ckpt_ema.*`` metadata for one output (spec §6)."""
         meta = {
             "ckpt_ema.version": __version__,
             "ckpt_ema.method": output.method,
@@ -107,7 +108,7 @@ class Plan:
             result["half_life_checkpoints"] = result["half_life"] / self.spacing
         return result
 
-    def to_json(self) -> dict[str, object]:
+    def to_json(self) -> dict[str, Any]:
         """Machine-readable summary: ``{"outputs": [{"name", "target", "inputs": [{path, step, coefficient}]}]}``."""
         return {
             "target_step": self.target_step,

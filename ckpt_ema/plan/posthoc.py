@@ -61,7 +61,7 @@ def plan_reconstruction(
     at: int | None = None,
     dtype: str = "same",
 ) -> Plan:
-    """Plan each target as a combination of the power-EMA snapshots at or before step ``at`` (SPEC §4).
+    """Plan each target as a combination of the power-EMA snapshots at or before step ``at`` (spec §4).
 
     Power targets (sigma_rel, gamma) are fitted with the closed-form inner products of power profiles;
     classic targets (decay, half-life) as the exponential profile truncated to ``[0, T]`` and

@@ -47,7 +47,7 @@ def plot_weights(plan: Plan, path: str | os.PathLike) -> Path:
 
 
 def plot_scores(
-    half_lives: Sequence[float],
+    half_lives: Sequence[float | None],
     scores: Sequence[float | None],
     labels: Sequence[str],
     kinds: Sequence[str],

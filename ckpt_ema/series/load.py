@@ -24,7 +24,7 @@ NORMALISED_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel wrappers, 
 class Checkpoint:
     """A checkpoint of the series: where it is, its step, and how the step was found.
 
-    ``tracked_gamma`` is set when the checkpoint is a snapshot of a power-function EMA (SPEC §4) rather
+    ``tracked_gamma`` is set when the checkpoint is a snapshot of a power-function EMA (spec §4) rather
     than raw weights: the exponent of the profile it holds.
     """
 
@@ -50,7 +50,7 @@ def checkpoint_stem(path: Path) -> str:
 
 
 def checkpoint_step(path: Path, source: CheckpointSource) -> StepInfo:
-    """A checkpoint's step from its trainer's records and its name (SPEC §1)."""
+    """A checkpoint's step from its trainer's records and its name (spec §1)."""
     if source.epoch_numbered and not source.step_records and not step_from_metadata(source.metadata):
         raise StepError(
             f"{path}: timm's CheckpointSaver numbers its files by epoch ({source.epoch_numbered}), not by "

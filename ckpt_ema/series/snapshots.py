@@ -50,7 +50,7 @@ def load_snapshots(
     for position, path in enumerate(paths):
         override = None if steps is None else StepInfo(int(steps[position]), "--steps")
         snapshots.append(_snapshot(path, gammas, override))
-    rank = {g: i for i, g in enumerate(gammas)}
+    rank: dict[float | None, int] = {g: i for i, g in enumerate(gammas)}
     snapshots.sort(key=lambda c: (c.step, rank[c.tracked_gamma]))
     for a, b in zip(snapshots, snapshots[1:]):
         if (a.step, a.tracked_gamma) == (b.step, b.tracked_gamma):

@@ -1,4 +1,4 @@
-"""Finding the optimizer step a checkpoint stands for, from its name and its trainer's record (SPEC §1).
+"""Finding the optimizer step a checkpoint stands for, from its name and its trainer's record (spec §1).
 
 Order of precedence: ``--steps`` (handled by the caller), the trainer's record (metadata such as ``step``,
 ``global_step``, kohya's ``ss_steps``; ``trainer_state.json``, OneTrainer's ``meta.json``, Lightning's

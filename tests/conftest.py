@@ -1,0 +1,15 @@
+"""Shared test set-up: the ``slow`` marker (deselected by ``make test-fast``) and an environment without the
+user's ckpt-ema settings, so that every test sees the defaults unless it sets them itself."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a long test (real training, many processes); make test-fast skips it")
+
+
+@pytest.fixture(autouse=True)
+def _default_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CKPT_EMA_KERNEL", raising=False)
