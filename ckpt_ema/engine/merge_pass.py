@@ -68,6 +68,13 @@ class ReadObserver(Protocol):
     def before_read(self, checkpoint: int, name: str) -> None: ...
 
 
+class RowsSink(Protocol):
+    """Receives all outputs of a piece of a floating-point tensor at once, in plan order: ``rows[k]`` holds
+    output ``k``'s elements (for statistics that combine outputs, as ``doctor`` does)."""
+
+    def write_rows(self, name: str, rows: torch.Tensor) -> None: ...
+
+
 class TensorSink(Protocol):
     """Receives an output's tensors in plan order, each as consecutive 1-D chunks in the output dtype."""
 
@@ -141,6 +148,8 @@ class MergePass:
         kernel: ``"auto"``, ``"fused"`` or ``"torch"`` (default: ``CKPT_EMA_KERNEL`` or ``"auto"``).
         tensors: the tensors to compute (default: all of ``plan.tensors``; a distributed rank's share).
         observer: told before each read of a checkpoint's tensor (``ReadObserver``).
+        rows_sink: also receives every floating-point piece of all outputs at once (``RowsSink``); with it,
+            ``sinks`` may be empty.
     """
 
     def __init__(
@@ -152,18 +161,21 @@ class MergePass:
         kernel: str | None = None,
         tensors: Sequence[TensorPlan] | None = None,
         observer: ReadObserver | None = None,
+        rows_sink: RowsSink | None = None,
     ) -> None:
-        if len(sinks) != len(plan.outputs):
+        if len(sinks) != len(plan.outputs) and not (rows_sink is not None and not sinks):
             raise ValueError("one sink per output is needed")
         if chunk_elements is not None and chunk_elements < 1:
             raise ValueError("chunk_elements must be >= 1")
         self.plan = plan
         self.sinks = list(sinks)
+        self.output_count = len(plan.outputs)
         self.kernel = choose_kernel(kernel)
         self.chunk_elements = chunk_elements
         self.on_warning = on_warning or (lambda message: None)
         self.tensors = tuple(plan.tensors if tensors is None else tensors)
         self.observer = observer
+        self.rows_sink = rows_sink
         self._warned: set[tuple[str, int]] = set()
         self.coefficients = plan.coefficient_matrix()  # (outputs, checkpoints) float64
         self.used_inputs = used_inputs(plan)
@@ -219,9 +231,9 @@ class MergePass:
         in_name = in_names.pop() if len(in_names) == 1 else None
         use_fused = self.kernel == "fused" and in_name in fused.INPUT_KINDS and out_name in fused.OUTPUT_KINDS
         chunk = min(self.chunk_elements or (FUSED_CHUNK_ELEMENTS if use_fused else DEFAULT_CHUNK_ELEMENTS), span.numel)
-        pieces = _Pieces(span, self.sinks)
+        pieces = _Pieces(span, self.sinks, self.rows_sink)
         if use_fused and in_name is not None:
-            out = np.empty((len(self.sinks), chunk), dtype=fused.OUTPUT_KINDS[out_name])
+            out = np.empty((self.output_count, chunk), dtype=fused.OUTPUT_KINDS[out_name])
             out_torch = torch.from_numpy(out)
             if out_name == "BF16":
                 out_torch = out_torch.view(torch.bfloat16)
@@ -236,17 +248,17 @@ class MergePass:
             return
         acc_dtype = torch.float64 if out_name == "F64" else torch.float32
         out_dtype = DTYPES[out_name][0]
-        accumulators = torch.empty((len(self.sinks), chunk), dtype=acc_dtype)
+        accumulators = torch.empty((self.output_count, chunk), dtype=acc_dtype)
         upcast = torch.empty(chunk, dtype=acc_dtype)
-        rounded = torch.empty((len(self.sinks), chunk), dtype=out_dtype) if out_dtype != acc_dtype else None
+        rounded = torch.empty((self.output_count, chunk), dtype=out_dtype) if out_dtype != acc_dtype else None
         rows = [
-            [(k, float(self.coefficients[k, j])) for k in range(len(self.sinks)) if self.coefficients[k, j] != 0.0]
+            [(k, float(self.coefficients[k, j])) for k in range(self.output_count) if self.coefficients[k, j] != 0.0]
             for j in self.used_inputs
         ]
         for start in range(0, span.numel, chunk):
             stop = min(span.numel, start + chunk)
             size = stop - start
-            started = [False] * len(self.sinks)
+            started = [False] * self.output_count
             for x, row in zip(inputs, rows):
                 source = x[start:stop]
                 if source.dtype != acc_dtype:
@@ -303,8 +315,9 @@ def _tensor_bytes_read(plan: Plan, tensor: TensorPlan, used: Sequence[int]) -> i
 class _Pieces:
     """Hands each chunk of a span's outputs to the sinks, cut at the tensors' boundaries."""
 
-    def __init__(self, span: _Span, sinks: Sequence[TensorSink]) -> None:
+    def __init__(self, span: _Span, sinks: Sequence[TensorSink], rows_sink: RowsSink | None) -> None:
         self.sinks = sinks
+        self.rows_sink = rows_sink
         self.bounds = []
         offset = 0
         for tensor in span.tensors:
@@ -323,6 +336,8 @@ class _Pieces:
             a, b = max(lo, start), min(hi, stop)
             for k, sink in enumerate(self.sinks):
                 sink.write(name, outputs[k, a - start : b - start])
+            if self.rows_sink is not None:
+                self.rows_sink.write_rows(name, outputs[:, a - start : b - start])
             if hi > stop:
                 return
             self.index += 1

@@ -147,7 +147,7 @@ class Checkup:
         plan = replace(self.base, checkpoints=tuple(columns), outputs=tuple(rows))
         ema_dtype = FORMATS[self.trainer_dtype][2] if self.trainer else torch.float32
         self.stats = _Stats(plan, roles, len(self.samples), target.decay, self.dtype, ema_dtype)
-        self.pass_ = MergePass(plan, [_RowSink(self.stats, k) for k in range(len(rows))])
+        self.pass_ = MergePass(plan, [], rows_sink=self.stats)
 
     @property
     def trainer_dtype(self) -> str:
@@ -210,7 +210,8 @@ class Checkup:
 
 
 class _Stats:
-    """Receives each output chunk in output order (the engine writes all outputs of a chunk, then the next)."""
+    """The statistics of one pass: receives every output of a piece of a tensor at once (a ``RowsSink``);
+    row ``k`` plays ``roles[k]`` (the EMA at a sample, the weights there, the start, the trainer's EMA)."""
 
     def __init__(
         self, plan: Plan, roles: list[tuple[str, int]], samples: int, decay: float, dtype: str, ema_dtype: torch.dtype
@@ -225,24 +226,23 @@ class _Stats:
         self.updates = [0] * samples
         self.moved_sq = self.moved_fp32_sq = 0.0
         self.unchanged = self.unchanged_fp32 = self.values = 0
-        self._ema: torch.Tensor | None = None
-        self._ema_last: torch.Tensor | None = None
-        self._start: torch.Tensor | None = None
 
-    def receive(self, k: int, name: str, data: torch.Tensor) -> None:
+    def write_rows(self, name: str, rows: torch.Tensor) -> None:
         if name not in self.float_names:
             return
-        role, i = self.roles[k]
-        if role == "ema":
-            self._ema = data.to(torch.float64, copy=True)
-        elif role == "theta":
-            self._count_rounding(i, self._ema, data.to(torch.float64))  # type: ignore[arg-type]
-            if i == self.last:
-                self._ema_last = self._ema
-        elif role == "start":
-            self._start = data.to(torch.float64, copy=True)
-        else:
-            self._compare(data.to(torch.float64), self._ema_last, self._start)  # type: ignore[arg-type]
+        values = rows.to(torch.float64)
+        ema = ema_last = start = None
+        for (role, i), data in zip(self.roles, values):
+            if role == "ema":
+                ema = data
+            elif role == "theta" and ema is not None:
+                self._count_rounding(i, ema, data)
+                if i == self.last:
+                    ema_last = ema
+            elif role == "start":
+                start = data
+            elif role == "trainer" and ema_last is not None and start is not None:
+                self._compare(data, ema_last, start)
 
     def _count_rounding(self, i: int, ema: torch.Tensor, theta: torch.Tensor) -> None:
         # ulp of x in a format with p significand bits: 2^(e - p) with x = m 2^e, 0.5 <= |m| < 1 (frexp)
@@ -261,16 +261,6 @@ class _Stats:
         self.unchanged += int((trainer.to(self.ema_dtype) == start_stored).sum())
         self.unchanged_fp32 += int((fp32_ema.to(self.ema_dtype) == start_stored).sum())
         self.values += trainer.numel()
-
-
-class _RowSink:
-    """The sink of one output row: forwards its chunks to the shared statistics."""
-
-    def __init__(self, stats: _Stats, k: int) -> None:
-        self.stats, self.k = stats, k
-
-    def write(self, name: str, data: torch.Tensor) -> None:
-        self.stats.receive(self.k, name, data)
 
 
 def _open_trainer_ema(
