@@ -20,6 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from ckpt_ema import _moved  # noqa: E402  (the 0.1 module paths, e.g. ckpt_ema.kernels, still import)
+
+_moved.install()
+
 # public name -> the module that defines it
 _EXPORTS = {
     "MergeJob": "ckpt_ema.jobs.merge",

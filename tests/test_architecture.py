@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ckpt_ema"
 LAYERS = {"math": 1, "io": 2, "series": 3, "plan": 4, "engine": 5, "output": 5, "report": 6, "jobs": 7, "cli": 8}
-TOP_LEVEL = {"__init__", "__main__", "demo", "errors"}  # the package's own files, outside the layers
+TOP_LEVEL = {"__init__", "__main__", "_moved", "demo", "errors"}  # the package's own files, outside the layers
 
 
 def _modules() -> list[Path]:
@@ -84,7 +84,7 @@ def test_the_math_imports_neither_torch_nor_the_rest_of_the_package():
     code = (
         "import sys, ckpt_ema.math.ema, ckpt_ema.math.reconstruct; "
         "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('ckpt_ema.') and "
-        "not m.startswith(('ckpt_ema.math', 'ckpt_ema.errors'))); print(loaded)"
+        "not m.startswith(('ckpt_ema.math', 'ckpt_ema.errors', 'ckpt_ema._moved'))); print(loaded)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
@@ -95,3 +95,26 @@ def test_the_public_api_is_importable_from_the_package():
 
     for name in ckpt_ema.__all__:
         assert getattr(ckpt_ema, name) is not None, name
+
+
+@pytest.mark.parametrize(
+    "old, new, name",
+    [
+        ("ckpt_ema.kernels", "ckpt_ema.math.ema", "classic_coefficients"),
+        ("ckpt_ema.api", "ckpt_ema.jobs.merge", "MergeJob"),
+        ("ckpt_ema.readers", "ckpt_ema.io", "open_checkpoint"),
+        ("ckpt_ema.posthoc", "ckpt_ema.plan.posthoc", "plan_reconstruction"),
+        ("ckpt_ema.reconstruct", "ckpt_ema.math.reconstruct", "solve_reconstructions"),
+    ],
+)
+def test_the_old_module_paths_still_import_with_a_deprecation_warning(old, new, name):
+    code = (
+        "import importlib, warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    old = importlib.import_module({old!r})\n"
+        f"new = importlib.import_module({new!r})\n"
+        f"assert getattr(old, {name!r}) is getattr(new, {name!r})\n"
+        f"assert any(w.category is DeprecationWarning and {new!r} in str(w.message) for w in caught), caught\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
