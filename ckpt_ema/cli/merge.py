@@ -12,6 +12,7 @@ from ckpt_ema.cli import main
 from ckpt_ema.cli.common import plan_from, progress_bar, run_pass, series_options, user_errors, warn
 from ckpt_ema.jobs import distributed
 from ckpt_ema.jobs.merge import MergeJob
+from ckpt_ema.output.layouts import FORMATS
 from ckpt_ema.output.paths import output_paths, sharded_output_folders
 from ckpt_ema.report.plots import plot_weights, require_matplotlib
 from ckpt_ema.report.text import describe_output, describe_plan
@@ -30,7 +31,7 @@ from ckpt_ema.report.text import describe_output, describe_plan
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["safetensors", "folder"]),
+    type=click.Choice(list(FORMATS)),
     help="Output as one .safetensors file or as a folder like the inputs (default: like the inputs).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
