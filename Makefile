@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # torch's CPU build: pinned so that pip never pulls a multi-GB CUDA build on a CPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ format: install
 
 bench: install
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# docs/cli.md from the --help of every command (tests/test_docs.py fails when it is stale)
+docs: install
+	$(PY) -m ckpt_ema.cli.reference > docs/cli.md.tmp
+	mv docs/cli.md.tmp docs/cli.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache demo-out

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import click
 
-from . import main as cli
+from ckpt_ema.cli import main as cli
 
 # Characters per line of help text, whatever the terminal (COLUMNS is not read): click's own width on a
 # terminal of 80 columns or more, so each block is what ``--help`` prints there.

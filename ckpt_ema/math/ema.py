@@ -9,8 +9,8 @@ Conventions (docs/spec.md §1-3):
   checkpoint to the next, ``"hold"`` that they sit at the later checkpoint's value for the whole gap.
 
 Every function returns coefficients ``c_j`` (float64, summing to 1) such that the EMA at ``T`` is
-``sum_j c_j * theta(s_j)``. The per-step kernel is summed over each gap in closed form; see the README's
-"The math" section for the derivations.
+``sum_j c_j * theta(s_j)``. The per-step kernel is summed over each gap in closed form; the derivations
+are in docs/math.md ("Coefficients in closed form").
 """
 
 from __future__ import annotations
