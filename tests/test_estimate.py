@@ -51,9 +51,7 @@ def test_error_parts_equal_the_brute_force_covariance(tau_s, nugget, tau_n):
     coefs = kernels.classic_coefficients(steps, decay, "linear")
     diffusion = np.array([1.0, 0.5, 2.0, 1.5, 0.7])
     gaps = len(steps) - 1
-    model = est.Variogram(
-        tuple(steps), diffusion, np.full(gaps, nugget), np.full(gaps, tau_n), np.full(gaps, tau_s)
-    )
+    model = est.Variogram(tuple(steps), diffusion, np.full(gaps, nugget), np.full(gaps, tau_n), np.full(gaps, tau_s))
     got = sum(est.error_parts(steps, coefs, est.classic_cumulative(decay, steps[-1]), model))
     expected = _brute_force_variance(steps, coefs, _per_step_classic(steps[-1], decay), diffusion, tau_s, nugget, tau_n)
     assert got == pytest.approx(expected, rel=1e-9)
@@ -65,7 +63,9 @@ def test_every_step_checkpoints_have_no_error():
     thetas = np.cumsum(rng.normal(size=(41, 50)), axis=0)
     model = est.fit_variogram(est.IncrementStats.from_array(steps, thetas))
     coefs = kernels.classic_coefficients(steps, 0.9, "linear")
-    e = est.estimate(steps, coefs, est.classic_cumulative(0.9, 40), model, float(((coefs @ thetas - thetas[-1]) ** 2).sum()))
+    e = est.estimate(
+        steps, coefs, est.classic_cumulative(0.9, 40), model, float(((coefs @ thetas - thetas[-1]) ** 2).sum())
+    )
     assert e.sig < 1e-6
 
 
@@ -113,7 +113,9 @@ def test_simulated_random_walk_with_drift_and_a_decaying_rate(spacing):
     for decay in (0.98, 0.995):
         coefs = kernels.classic_coefficients(steps, decay, "linear")
         result = coefs @ x[steps]
-        e = est.estimate(steps, coefs, est.classic_cumulative(decay, total), model, float(((result - x[-1]) ** 2).sum()))
+        e = est.estimate(
+            steps, coefs, est.classic_cumulative(decay, total), model, float(((result - x[-1]) ** 2).sum())
+        )
         true = _true_sig(x, steps, result, _classic_truth_array(x, decay))
         assert 0.8 < e.sig / true < 1.25, (decay, e.sig, true)
 

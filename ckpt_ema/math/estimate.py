@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 Cumulative = Callable[[np.ndarray], np.ndarray]  # Phi(u) for float steps u (vectorised)
 
@@ -63,9 +64,7 @@ class IncrementStats:
     lag3: tuple[float, ...]
 
     @classmethod
-    def from_products(
-        cls, steps: Sequence[int], sq: Sequence[float], cross1: Sequence[float], cross2: Sequence[float]
-    ) -> IncrementStats:
+    def from_products(cls, steps: Sequence[int], sq: ArrayLike, cross1: ArrayLike, cross2: ArrayLike) -> IncrementStats:
         """From ``sq[j] = ||d_j||^2``, ``cross1[j] = <d_j, d_{j+1}>``, ``cross2[j] = <d_j, d_{j+2}>``, d_j the
         increment over gap j: what a pass gathers with three multiply-adds per element and checkpoint."""
         q = np.asarray(sq, dtype=np.float64)
@@ -178,9 +177,13 @@ def fit_variogram(stats: IncrementStats, window: int = WINDOW) -> Variogram:
 
 
 def _neighbours(lag1: np.ndarray, j: int) -> float:
-    """The typical squared increment around gap j: the median of up to three gaps on each side."""
-    others = np.concatenate([lag1[max(0, j - 3) : j], lag1[j + 1 : j + 4]])
-    return float(np.median(others)) if len(others) else float(lag1[j])
+    """The typical squared increment around gap j: the larger of the medians of up to three gaps on each
+    side (a jump stands out from both sides; the last gap is compared with those before it). The first gap
+    is never a jump: training moves fastest at its start."""
+    before, after = lag1[max(0, j - 3) : j], lag1[j + 1 : j + 4]
+    if j == 0 or not len(before):
+        return math.inf
+    return max(float(np.median(before)), float(np.median(after)) if len(after) else 0.0)
 
 
 def _fit_one(lengths: np.ndarray, values: np.ndarray, spacing: float) -> tuple[float, float, float, float]:
