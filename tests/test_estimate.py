@@ -189,3 +189,33 @@ def test_estimate_against_a_real_training_run(run, spacing):
         assert true > 0.005
         assert 0.5 <= e.sig / true <= 2.0, (spacing, e.sig, true)
         assert e.error == pytest.approx(e.sig * math.sqrt(e.distance**2 + e.error**2))
+
+
+def test_spacing_for_a_wanted_sig_is_checked_on_the_walk_itself():
+    # The inverse question on a simulated walk: the spacing it answers, applied to the same walk, must give a
+    # realised sig near the wanted one (at most 1.5x), and the next coarser spacing must not reach it.
+    rng = np.random.default_rng(5)
+    total = 2000
+    x = _walk(rng, total, 2000, drift=0.2, scale=np.ones(total))
+    steps = list(range(0, total + 1, 50))
+    model = est.fit_variogram(est.IncrementStats.from_array(steps, x[steps]))
+    decay = 0.995
+    coefs = kernels.classic_coefficients(steps, decay, "linear")
+    cumulative = est.classic_cumulative(decay, total)
+    e = est.estimate(steps, coefs, cumulative, model, float(((coefs @ x[steps] - x[-1]) ** 2).sum()))
+    denominator = e.distance**2 + e.error**2
+    answer = est.spacing_for(
+        0.02, model, lambda grid: kernels.classic_coefficients(grid, decay, "linear"), cumulative, denominator
+    )
+    assert answer is not None
+    spacing, predicted = answer
+    assert predicted <= 0.02
+    truth = _classic_truth_array(x, decay)
+    grid = list(range(0, total + 1, spacing))
+    c = kernels.classic_coefficients(grid, decay, "linear")
+    realised = _true_sig(x, grid, c @ x[grid], truth)
+    assert realised < 0.03
+    coarser = est.NICE_SPACINGS[est.NICE_SPACINGS.index(spacing) + 1]
+    grid = list(range(0, total + 1, coarser))
+    c = kernels.classic_coefficients(grid, decay, "linear")
+    assert _true_sig(x, grid, c @ x[grid], truth) > 0.02 * 0.8

@@ -368,3 +368,49 @@ def estimate(
         bias=bias_sq,
         warnings=model.warnings,
     )
+
+
+NICE_SPACINGS = (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 2500, 5000, 10000, 20000, 25000, 50000)
+
+
+def predicted_sig(
+    model: Variogram,
+    steps: Sequence[int],
+    coefficients: Sequence[float],
+    cumulative: Cumulative,
+    denominator_sq: float,
+) -> float:
+    """The sig the model predicts for checkpoints at ``steps`` (the model moved there with ``Variogram.at``),
+    against ``denominator_sq``, this run's estimate of ``||E - theta(T)||^2`` (independent of the spacing)."""
+    variance = sum(error_parts(steps, coefficients, cumulative, model.at(steps)))
+    return math.sqrt(min(variance / denominator_sq, 1.0)) if denominator_sq > 0 else 0.0
+
+
+def spacing_for(
+    target_sig: float,
+    model: Variogram,
+    coefficients_for: Callable[[list[int]], np.ndarray],
+    cumulative: Cumulative,
+    denominator_sq: float,
+    largest: int | None = None,
+) -> tuple[int, float] | None:
+    """The inverse question: the largest checkpoint spacing (steps, from ``NICE_SPACINGS``, at most
+    ``largest``) whose predicted sig is at most ``target_sig``, with that sig; None if not even every step.
+
+    The grid is ``s_0, s_0 + N, ..., T`` (``T`` added when it is not on it), the run's first and last steps;
+    ``coefficients_for(steps)`` gives the output's coefficients on a grid (the same target).
+    """
+    first, total = model.steps[0], model.steps[-1]
+    best: tuple[int, float] | None = None
+    for spacing in NICE_SPACINGS:
+        if spacing > total - first or (largest is not None and spacing > largest):
+            break
+        grid = list(range(first, total + 1, spacing))
+        if grid[-1] != total:
+            grid.append(total)
+        sig = predicted_sig(model, grid, coefficients_for(grid), cumulative, denominator_sq)
+        if sig <= target_sig:
+            best = (spacing, sig)
+        else:
+            break
+    return best
