@@ -279,7 +279,7 @@ class Estimate:
 
 
 def error_parts(
-    steps: Sequence[int], coefficients: Sequence[float], cumulative: Cumulative, model: Variogram
+    steps: Sequence[int], coefficients: ArrayLike, cumulative: Cumulative, model: Variogram
 ) -> tuple[float, float]:
     """The two parts of ``E||E - R||^2`` (docs/estimate.md): the random walk's ``B' K_s B`` (``B_u = A(u)
     sigma_u``, updates correlated over ``tau_s``) and the fluctuations' ``(N/2) a' K_n a``.
@@ -347,7 +347,7 @@ def _filtered_form(b: np.ndarray, tau: np.ndarray) -> float:
 
 def estimate(
     steps: Sequence[int],
-    coefficients: Sequence[float],
+    coefficients: ArrayLike,
     cumulative: Cumulative,
     model: Variogram,
     distance_sq: float,
@@ -376,7 +376,7 @@ NICE_SPACINGS = (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000, 2000, 2500, 
 def predicted_sig(
     model: Variogram,
     steps: Sequence[int],
-    coefficients: Sequence[float],
+    coefficients: ArrayLike,
     cumulative: Cumulative,
     denominator_sq: float,
 ) -> float:
