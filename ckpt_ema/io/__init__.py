@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ckpt_ema.errors import InputError
+from ckpt_ema.io.dcp import is_dcp_folder, open_dcp
+from ckpt_ema.io.deepspeed import is_deepspeed_folder, open_deepspeed
 from ckpt_ema.io.folder import is_checkpoint_folder, open_folder
 from ckpt_ema.io.safetensors_file import open_safetensors_file
 from ckpt_ema.io.source import CheckpointSource, FileNote, Part, TensorMeta, WeightFile, is_lora_alpha, is_lora_factor
@@ -38,12 +40,17 @@ def open_checkpoint(
     """Open one checkpoint (a file or a checkpoint folder), reading headers only.
 
     Args:
-        path: a ``.safetensors`` file, a torch pickle, or a folder (Hugging Face, diffusers, OneTrainer).
+        path: a ``.safetensors`` file, a torch pickle, or a folder (Hugging Face, diffusers, OneTrainer,
+            torch.distributed.checkpoint, DeepSpeed ``global_stepN``).
         key: for torch files, where the state dict is (default: found among the usual nestings).
         component: for component folders, the components to average (default: all).
     """
     path = Path(path)
     if path.is_dir():
+        if is_dcp_folder(path):
+            return open_dcp(path)
+        if is_deepspeed_folder(path):
+            return open_deepspeed(path)
         return open_folder(path, component)
     if not path.is_file():
         raise InputError(f"{path}: no such file or folder")

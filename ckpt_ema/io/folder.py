@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ckpt_ema.errors import InputError
+from ckpt_ema.io.dcp import is_dcp_folder
+from ckpt_ema.io.deepspeed import is_deepspeed_folder
 from ckpt_ema.io.safetensors_file import safetensors_weight_file
 from ckpt_ema.io.source import CheckpointSource, FileNote, Part, WeightFile
 from ckpt_ema.io.torch_pickle import torch_weight_file
@@ -52,6 +54,8 @@ def is_checkpoint_folder(path: Path) -> bool:
         return True
     names = {p.name for p in path.iterdir()}
     if any(m in names for m in MARKER_FILES) or any(n.endswith(".index.json") for n in names):
+        return True
+    if is_dcp_folder(path) or is_deepspeed_folder(path):
         return True
     return any(WEIGHT_NAME.match(n) for n in names)
 

@@ -132,6 +132,7 @@ class CheckpointSource:
         path: the file or folder given.
         format: a short description (``"safetensors file"``, ``"Hugging Face folder, 3 shards"``, ...).
         is_folder: a folder checkpoint (its output is a folder mirroring it).
+        output_format: the output format by default when it is neither of those (``"dcp"`` for DCP folders).
         parts: the models it holds, each with its weight files.
         step_records: steps the trainer recorded outside safetensors metadata, as ``(source, step)``.
         ignored: files not read, and why; copied: files copied unchanged to a folder output.
@@ -150,6 +151,7 @@ class CheckpointSource:
         self.format = format
         self.parts = parts
         self.is_folder = is_folder
+        self.output_format: str | None = None
         self.metadata: dict[str, str] = dict(metadata or {})
         self.step_records: list[tuple[str, int]] = []
         self.ignored: list[FileNote] = []

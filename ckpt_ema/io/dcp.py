@@ -1,0 +1,509 @@
+"""torch.distributed.checkpoint (DCP) folders: torchtitan, FSDP2/DTensor training, Megatron/NeMo ``torch_dist``.
+
+On disk (torch 2.x ``FileSystemWriter``, ``torch/distributed/checkpoint/filesystem.py``)::
+
+    step-1000/.metadata        a pickle of ``Metadata``: for every flattened key (``fqn``) its size, dtype and
+                               chunks (offsets, sizes), and where each chunk is stored
+    step-1000/__R_S.distcp     rank R's file S: the chunks (one ``torch.save`` blob each) back to back
+
+``Metadata.state_dict_metadata[fqn]`` is a ``TensorStorageMetadata`` (``properties.dtype``, ``size``,
+``chunks``) or ``BytesStorageMetadata`` (any other object, pickled with ``torch.save``);
+``Metadata.storage_data[MetadataIndex(fqn, chunk offsets)]`` is a ``_StorageInfo(relative_path, offset,
+length)``. A tensor sharded across ranks (FSDP2/DTensor) has one chunk per shard, usually in different files.
+
+How it is read here, without running any pickle code: ``.metadata`` goes through an unpickler that only
+knows the DCP metadata classes (and ``torch.Size``, dtypes); each chunk's ``torch.save`` blob is opened with
+``torch.load(weights_only=True, map_location="meta")``, which reads only its small header and pickle and
+gives where the data record starts; the data is then a zero-copy view of a read-only mapping of the file,
+exactly like a safetensors tensor. A tensor stored in one chunk costs no copy; a sharded tensor is assembled
+from its chunks into one buffer (one tensor at a time, so memory is bounded by the largest tensor).
+
+Only model weights are averaged: entries under ``optimizer``, ``dataloader``, ``lr_scheduler``,
+``train_state`` ... and non-tensor entries are listed as ignored. Keys are normalised: torchtitan's
+``model.`` (when the model is saved under a ``model`` key), FSDP1's ``_fsdp_wrapped_module.`` and
+activation checkpointing's ``_checkpoint_wrapped_module.`` are removed, so the names are those of the
+unwrapped model's ``state_dict()``. The step comes from ``train_state.step`` when the trainer saved one;
+the folder name (``step-1000``, ``iter_0001000``) is read by the series as for every checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import mmap
+import pathlib
+import pickle
+import platform
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ckpt_ema.errors import InputError
+from ckpt_ema.io.source import CheckpointSource, FileNote, Part, TensorInfoLike, TensorMeta, WeightFile, dtype_name
+
+METADATA_NAME = ".metadata"
+DATA_FILE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
+# Top-level keys of the trainer's state that are not model weights (torchtitan, torch's get_state_dict,
+# Megatron/NeMo, OLMo-core); the reason is shown by ``inspect``.
+TRAINER_KEYS = {
+    "optimizer": "optimizer state",
+    "optim": "optimizer state",
+    "optimizer_states": "optimizer state",
+    "lr_scheduler": "learning-rate scheduler state",
+    "lr_schedulers": "learning-rate scheduler state",
+    "scheduler": "learning-rate scheduler state",
+    "dataloader": "data loader state",
+    "data_loader": "data loader state",
+    "train_state": "training progress (its step is read)",
+    "trainer": "trainer state",
+    "rng": "random-number generator state",
+    "rng_state": "random-number generator state",
+    "rng_tracker_states": "random-number generator state",
+    "ft_manager": "fault-tolerance state",
+}
+MODEL_KEY = "model"
+WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+STEP_KEYS = ("train_state.step", "trainer.global_step", "train_state.global_step", "iteration")
+MAX_METADATA_BYTES = 1 << 30
+
+
+def is_dcp_folder(path: Path) -> bool:
+    """A folder written by ``torch.distributed.checkpoint``'s file-system writer (it has ``.metadata``)."""
+    return (path / METADATA_NAME).is_file()
+
+
+# --- .metadata: a pickle, read with an allow-list of the classes DCP writes ------------------------------
+
+
+def _allowed_globals() -> dict[tuple[str, str], object]:
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    allowed: dict[tuple[str, str], object] = {
+        ("torch", "Size"): torch.Size,
+        ("torch", "strided"): torch.strided,
+        ("torch.serialization", "_get_layout"): _layout,
+        # StorageMeta.checkpoint_id: the path the checkpoint was saved to (kept as a pure path)
+        ("pathlib", "PosixPath"): pathlib.PurePosixPath,
+        ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+        ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
+        ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
+        ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,
+        ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"): filesystem._StoragePrefix,
+    }
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    ):
+        allowed[("torch.distributed.checkpoint.metadata", name)] = getattr(metadata, name)
+    for name in dir(torch):
+        value = getattr(torch, name, None)
+        if isinstance(value, (torch.dtype, torch.memory_format, torch.layout)):
+            allowed[("torch", name)] = value
+    return allowed
+
+
+def _layout(name: str) -> torch.layout:
+    """``torch.serialization._get_layout``, limited to the layouts a tensor property can have."""
+    layout = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(layout, torch.layout):
+        raise pickle.UnpicklingError(f"unknown layout {name!r}")
+    return layout
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Rebuilds DCP's metadata dataclasses and nothing else: any other global is refused."""
+
+    def __init__(self, file: io.BufferedIOBase, path: Path) -> None:
+        super().__init__(file)
+        self.path = path
+        self.allowed = _allowed_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise InputError(
+                f"{self.path}: refused: the DCP metadata asks for {module}.{name}, which a "
+                "torch.distributed.checkpoint .metadata file never holds (ckpt-ema never runs code from a file)"
+            )
+        return found
+
+    def persistent_load(self, pid: object) -> object:
+        raise InputError(f"{self.path}: not a DCP .metadata file (it refers to external objects)")
+
+
+def read_metadata(folder: Path) -> object:
+    """The ``Metadata`` of a DCP folder, unpickled with the allow-list (no code from the file runs)."""
+    path = folder / METADATA_NAME
+    try:
+        size = path.stat().st_size
+        if size > MAX_METADATA_BYTES:
+            raise InputError(f"{path}: {size} bytes, too large for DCP metadata")
+        with open(path, "rb") as f:
+            loaded = _MetadataUnpickler(f, path).load()
+    except InputError:
+        raise
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except Exception as exc:  # a truncated or foreign pickle: any unpickling error
+        raise InputError(f"{path}: not a readable DCP .metadata file ({type(exc).__name__}: {exc})") from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(loaded, Metadata) or not isinstance(loaded.state_dict_metadata, dict):
+        raise InputError(f"{path}: not a DCP .metadata file (holds a {type(loaded).__name__})")
+    if not isinstance(loaded.storage_data, dict):
+        raise InputError(
+            f"{path}: its storage_data is a {type(loaded.storage_data).__name__}; only checkpoints written "
+            "by the file-system writer (dcp.save to a folder) can be read"
+        )
+    return loaded
+
+
+# --- which entries are model weights, and their names -------------------------------------------------
+
+
+def normalise_key(fqn: str, strip_model: bool) -> str:
+    """The model's own ``state_dict()`` name: without ``model.`` (if so saved) and FSDP/checkpoint wrappers."""
+    name = fqn[len(MODEL_KEY) + 1 :] if strip_model and fqn.startswith(MODEL_KEY + ".") else fqn
+    for part in WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name
+
+
+def _top(fqn: str) -> str:
+    return fqn.split(".", 1)[0]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored piece of a tensor: where it sits in the tensor, and where its blob is in which file."""
+
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    relpath: str
+    offset: int  # of the torch.save blob in the file, bytes
+    length: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.sizes)
+
+
+@dataclass(frozen=True)
+class DcpTensor:
+    """A model tensor of a DCP checkpoint: its stored key, dtype, shape and chunks."""
+
+    fqn: str
+    dtype: str
+    shape: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+
+
+def model_tensors(folder: Path, metadata: object) -> tuple[dict[str, DcpTensor], list[FileNote], list[str]]:
+    """The model tensors of a DCP checkpoint by normalised name, what is ignored (and why), and notes."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    entries: Mapping[str, object] = metadata.state_dict_metadata  # type: ignore[attr-defined]
+    storage: Mapping[object, object] = metadata.storage_data  # type: ignore[attr-defined]
+    where = {(getattr(k, "fqn", None), tuple(getattr(k, "offset", None) or ())): v for k, v in storage.items()}
+    tensor_keys = [k for k, v in entries.items() if isinstance(v, TensorStorageMetadata)]
+    # torchtitan / get_state_dict layouts: {"model": ..., "optimizer": ...}; a Hugging Face model saved flat
+    # also has "model." keys (model.layers.0...) but lm_head beside them: then nothing is stripped
+    weights = [k for k in tensor_keys if _top(k) not in TRAINER_KEYS]
+    strip_model = bool(weights) and all(_top(k) == MODEL_KEY for k in weights)
+    ignored: dict[str, list[str]] = {}
+    notes: list[str] = []
+    tensors: dict[str, DcpTensor] = {}
+    origin: dict[str, str] = {}
+    for fqn, entry in entries.items():
+        top = _top(fqn)
+        if isinstance(entry, BytesStorageMetadata):
+            reason = TRAINER_KEYS.get(top) or "not a tensor (a pickled object, never loaded)"
+            ignored.setdefault(f"{top}.*" if top in TRAINER_KEYS else fqn, []).append(reason)
+            continue
+        if not isinstance(entry, TensorStorageMetadata):
+            raise InputError(f"{folder / METADATA_NAME}: entry {fqn!r} is a {type(entry).__name__}")
+        if top in TRAINER_KEYS:
+            ignored.setdefault(f"{top}.*", []).append(TRAINER_KEYS[top])
+            continue
+        dtype = dtype_name(entry.properties.dtype)
+        if dtype is None:
+            raise InputError(
+                f"{folder}: tensor {fqn!r} has dtype {entry.properties.dtype}, which ckpt-ema does not handle"
+            )
+        shape = tuple(int(d) for d in entry.size)
+        chunks = []
+        for chunk in entry.chunks:
+            offsets = tuple(int(o) for o in chunk.offsets)
+            sizes = tuple(int(s) for s in chunk.sizes)
+            info = where.get((fqn, offsets))
+            if info is None:
+                raise InputError(f"{folder / METADATA_NAME}: no storage recorded for {fqn!r} at {list(offsets)}")
+            if getattr(info, "transform_descriptors", None):
+                raise InputError(
+                    f"{folder}: {fqn!r} is stored with transforms {list(info.transform_descriptors)} "  # type: ignore[attr-defined]
+                    "(e.g. compression), which ckpt-ema does not read; save without _extensions"
+                )
+            if (
+                len(offsets) != len(shape)
+                or len(sizes) != len(shape)
+                or any(o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, shape))
+            ):
+                raise InputError(f"{folder}: chunk {list(offsets)} {list(sizes)} of {fqn!r} lies outside {list(shape)}")
+            chunks.append(Chunk(offsets, sizes, str(info.relative_path), int(info.offset), int(info.length)))  # type: ignore[attr-defined]
+        if sum(c.numel for c in chunks) != math.prod(shape):
+            raise InputError(
+                f"{folder}: the chunks of {fqn!r} hold {sum(c.numel for c in chunks)} values, its shape "
+                f"{list(shape)} needs {math.prod(shape)}; the checkpoint is incomplete"
+            )
+        name = normalise_key(fqn, strip_model)
+        if name in origin:
+            raise InputError(f"{folder}: {origin[name]!r} and {fqn!r} are both {name!r} once wrappers are removed")
+        origin[name] = fqn
+        tensors[name] = DcpTensor(fqn, dtype, shape, tuple(sorted(chunks, key=lambda c: c.offsets)))
+    if strip_model:
+        notes.append(f"model weights under {MODEL_KEY!r}; names without the '{MODEL_KEY}.' prefix")
+    if any(any(p in fqn for p in WRAPPER_PARTS) for fqn in origin.values()):
+        notes.append("FSDP / activation-checkpointing wrapper names removed from the keys")
+    notes_ignored = [
+        FileNote(key, f"{reasons[0]}; {len(reasons)} entr{'y' if len(reasons) == 1 else 'ies'} in .metadata")
+        for key, reasons in ignored.items()
+    ]
+    return tensors, notes_ignored, notes
+
+
+# --- tensor data ------------------------------------------------------------------------------------------
+
+# Loads of 2/4/8-byte values from an address that is not a multiple of their size work on these CPUs (DCP
+# blobs start at any byte offset); elsewhere a misaligned chunk is copied once.
+_UNALIGNED_OK = platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64")
+
+
+class _FileView(io.RawIOBase):
+    """Bytes ``[start, start + length)`` of an open file, as a seekable stream starting at 0."""
+
+    def __init__(self, file: io.BufferedReader, start: int, length: int) -> None:
+        self.file, self.start, self.length, self.pos = file, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        size = max(0, min(len(buffer), self.length - self.pos))
+        self.file.seek(self.start + self.pos)
+        got = self.file.readinto(memoryview(buffer)[:size])
+        self.pos += got or 0
+        return got or 0
+
+
+def locate_blob(file: io.BufferedReader, offset: int, length: int, where: str) -> tuple[int, torch.Tensor]:
+    """Where the data of the ``torch.save`` blob at ``offset`` starts in the file, and its meta tensor.
+
+    ``torch.load(weights_only=True, map_location="meta")`` reads the blob's zip directory and pickle only;
+    the storage it describes records the data record's offset in the blob (``_checkpoint_offset``).
+    """
+    try:
+        meta = torch.load(_FileView(file, offset, length), map_location="meta", weights_only=True)  # type: ignore[arg-type]
+    except Exception as exc:
+        raise InputError(f"{where}: cannot read the stored tensor ({type(exc).__name__}: {exc})") from None
+    if not isinstance(meta, torch.Tensor):
+        raise InputError(f"{where}: holds a {type(meta).__name__}, not a tensor")
+    start = getattr(meta.untyped_storage(), "_checkpoint_offset", None)
+    if not isinstance(start, int):
+        raise InputError(f"{where}: cannot locate the tensor data in the stored blob")
+    return offset + start + int(meta.storage_offset()) * meta.element_size(), meta
+
+
+class DcpReader:
+    """``flat(name)`` for one DCP checkpoint: chunks as views of read-only mappings of the ``.distcp`` files."""
+
+    def __init__(self, folder: Path, tensors: Mapping[str, DcpTensor]) -> None:
+        self.folder = folder
+        self.tensors = tensors
+        self._maps: dict[str, mmap.mmap] = {}
+        self._files: dict[str, io.BufferedReader] = {}
+
+    def _file(self, relpath: str) -> tuple[io.BufferedReader, mmap.mmap]:
+        if relpath not in self._maps:
+            path = self.folder / relpath
+            if "/" in relpath or relpath.startswith("."):
+                raise InputError(f"{self.folder / METADATA_NAME}: refers to a file outside the folder: {relpath!r}")
+            try:
+                file = open(path, "rb")
+                # ACCESS_COPY: a private mapping torch can view as writable; the file is never written.
+                self._maps[relpath] = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+            except OSError as exc:
+                raise InputError(f"{path}: cannot map ({exc.strerror or exc})") from None
+            except ValueError:
+                raise InputError(f"{path}: empty file; the checkpoint is incomplete") from None
+            self._files[relpath] = file
+        return self._files[relpath], self._maps[relpath]
+
+    def chunk(self, tensor: DcpTensor, chunk: Chunk) -> torch.Tensor:
+        """One chunk, shaped ``chunk.sizes``, as a view of the mapping (copied only if strided or misaligned)."""
+        file, buffer = self._file(chunk.relpath)
+        where = f"{self.folder / chunk.relpath} ({tensor.fqn} at {list(chunk.offsets)})"
+        if chunk.offset < 0 or chunk.offset + chunk.length > len(buffer):
+            raise InputError(f"{where}: lies beyond the end of the file; the checkpoint is truncated")
+        start, meta = locate_blob(file, chunk.offset, chunk.length, where)
+        if dtype_name(meta.dtype) != tensor.dtype or tuple(meta.shape) != chunk.sizes:
+            raise InputError(
+                f"{where}: stored as {dtype_name(meta.dtype)} {list(meta.shape)}, the metadata says "
+                f"{tensor.dtype} {list(chunk.sizes)}"
+            )
+        storage_bytes = meta.untyped_storage().nbytes()
+        if start + storage_bytes - meta.storage_offset() * meta.element_size() > chunk.offset + chunk.length:
+            raise InputError(f"{where}: its data runs past the stored blob; the checkpoint is corrupt")
+        if meta.numel() == 0:
+            return torch.empty(chunk.sizes, dtype=meta.dtype)
+        span = int(storage_bytes // meta.element_size() - meta.storage_offset())
+        aligned = _UNALIGNED_OK or start % meta.element_size() == 0
+        if aligned:
+            flat = torch.frombuffer(buffer, dtype=meta.dtype, count=span, offset=start)
+        else:
+            flat = torch.frombuffer(buffer, dtype=torch.uint8, count=span * meta.element_size(), offset=start)
+            flat = flat.clone().view(meta.dtype)
+        return flat.as_strided(meta.shape, meta.stride())
+
+    def flat(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` as 1-D in its stored dtype: a view for one chunk, else assembled from its chunks."""
+        tensor = self.tensors[name]
+        if len(tensor.chunks) == 1:
+            view = self.chunk(tensor, tensor.chunks[0])
+            return view.reshape(-1) if view.is_contiguous() else view.contiguous().reshape(-1)
+        full = torch.empty(tensor.shape, dtype=self.chunk(tensor, tensor.chunks[0]).dtype)
+        for chunk in tensor.chunks:
+            region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
+            full[region].copy_(self.chunk(tensor, chunk))
+        return full.reshape(-1)
+
+    def close(self) -> None:
+        for mapping in self._maps.values():
+            try:
+                mapping.close()
+            except BufferError:  # a view is still alive; the mapping goes with it
+                pass
+        for file in self._files.values():
+            file.close()
+        self._maps.clear()
+        self._files.clear()
+
+
+def read_object(folder: Path, metadata: object, fqn: str) -> object:
+    """A small non-tensor entry (e.g. ``train_state.step``), loaded with ``weights_only=True``."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    storage: Mapping[object, object] = metadata.storage_data  # type: ignore[attr-defined]
+    info = storage.get(MetadataIndex(fqn)) or storage.get(MetadataIndex(fqn, ()))
+    if info is None:
+        return None
+    path = folder / info.relative_path  # type: ignore[attr-defined]
+    try:
+        with open(path, "rb") as f:
+            if info.length > 1 << 20:  # type: ignore[attr-defined]
+                return None
+            return torch.load(_FileView(f, info.offset, info.length), weights_only=True)  # type: ignore[attr-defined,arg-type]
+    except Exception:
+        return None
+
+
+def _step_record(folder: Path, metadata: object) -> tuple[str, int] | None:
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    entries: Mapping[str, object] = metadata.state_dict_metadata  # type: ignore[attr-defined]
+    for key in STEP_KEYS:
+        entry = entries.get(key)
+        if isinstance(entry, BytesStorageMetadata):
+            value = read_object(folder, metadata, key)
+        elif isinstance(entry, TensorStorageMetadata) and math.prod(entry.size) == 1:
+            value = _read_scalar(folder, metadata, key)
+        else:
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+            value = int(value.item())
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return f"DCP {key!r}", value
+    return None
+
+
+def _read_scalar(folder: Path, metadata: object, fqn: str) -> object:
+    entry = metadata.state_dict_metadata[fqn]  # type: ignore[attr-defined]
+    offsets = tuple(int(o) for o in entry.chunks[0].offsets)
+    chunk_info = {(k.fqn, tuple(k.offset or ())): v for k, v in metadata.storage_data.items()}.get((fqn, offsets))  # type: ignore[attr-defined]
+    if chunk_info is None:
+        return None
+    try:
+        with open(folder / chunk_info.relative_path, "rb") as f:
+            return torch.load(_FileView(f, chunk_info.offset, chunk_info.length), weights_only=True)  # type: ignore[arg-type]
+    except Exception:
+        return None
+
+
+def open_dcp(path: Path) -> CheckpointSource:
+    """A DCP folder as a checkpoint source, reading ``.metadata`` only (and a train-state step if saved).
+
+    Each ``.distcp`` file holding model weights is one weight file of the source (so the inputs' SHA-256
+    covers them); a tensor belongs to the file of its first chunk, and a reader opened for any of them reads
+    chunks from every file (a sharded tensor's chunks are in several).
+    """
+    metadata = read_metadata(path)
+    tensors, ignored, notes = model_tensors(path, metadata)
+    if not tensors:
+        raise InputError(
+            f"{path}: the DCP checkpoint holds no model weights (only {', '.join(n.relpath for n in ignored) or 'nothing'})"
+        )
+    data_files = sorted({c.relpath for t in tensors.values() for c in t.chunks}, key=_data_file_order)
+    sizes = {}
+    for relpath in data_files:
+        try:
+            sizes[relpath] = (path / relpath).stat().st_size
+        except OSError:
+            raise InputError(f"{path / relpath}: missing; the DCP checkpoint is incomplete") from None
+    by_file: dict[str, dict[str, TensorInfoLike]] = {relpath: {} for relpath in data_files}
+    for name, tensor in tensors.items():
+        by_file[tensor.chunks[0].relpath][name] = TensorMeta(tensor.dtype, tensor.shape)
+    weight_files = [  # also the files holding only later chunks: their bytes are read (and hashed) too
+        WeightFile(relpath, path / relpath, infos, {}, lambda: DcpReader(path, tensors), sizes[relpath])
+        for relpath, infos in by_file.items()
+    ]
+    ranks = {int(m.group(1)) for m in map(DATA_FILE.match, data_files) if m}
+    sharded = sum(len(t.chunks) > 1 for t in tensors.values())
+    described = f"DCP folder ({len(data_files)} file(s), {len(ranks) or '?'} rank(s)"
+    described += f", {sharded} sharded tensors)" if sharded else ")"
+    source = CheckpointSource(path, described, [Part("", weight_files)])
+    source.output_format = "dcp"
+    source.ignored = ignored
+    source.notes = notes
+    other = [p.name for p in sorted(path.iterdir()) if p.name != METADATA_NAME and p.name not in data_files]
+    for name in other:
+        reason = "holds only ignored entries" if name.endswith(".distcp") else "not part of the DCP checkpoint"
+        source.ignored.append(FileNote(name, reason))
+    record = _step_record(path, metadata)
+    if record is not None:
+        source.step_records.append(record)
+    return source
+
+
+def _data_file_order(relpath: str) -> tuple[int, int, str]:
+    match = DATA_FILE.match(relpath)
+    return (int(match.group(1)), int(match.group(2)), relpath) if match else (1 << 62, 0, relpath)
