@@ -32,7 +32,8 @@ from ckpt_ema.report.text import describe_output, describe_plan
     "--format",
     "fmt",
     type=click.Choice(list(FORMATS)),
-    help="Output as one .safetensors file or as a folder like the inputs (default: like the inputs).",
+    help="Output as one .safetensors file, as a folder like the inputs, or as a torch.distributed.checkpoint "
+    "folder (default: like the inputs; DCP for DCP inputs).",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @click.option(
@@ -70,10 +71,15 @@ def merge(
     """
     plan = plan_from(options)
     if distributed.is_distributed():  # under torchrun: this rank's share, as one shard per target
-        flags = {"--verify": verify, "--strict": strict, "--json": options["as_json"], "--format": fmt}
+        flags = {
+            "--verify": verify,
+            "--strict": strict,
+            "--json": options["as_json"],
+            "--format folder": fmt == "folder",
+        }
         if any(flags.values()):
             raise click.UsageError(f"{', '.join(f for f, on in flags.items() if on)}: not available under torchrun yet")
-        _merge_distributed(plan, output, force, quiet)
+        _merge_distributed(plan, output, force, quiet, fmt)
         return
     paths = output_paths(plan, output, force=force, fmt=fmt)
     for warning in () if strict else plan.warnings:  # with --strict, MergeJob refuses them
@@ -92,7 +98,7 @@ def merge(
             click.echo(f"wrote {path}  ({describe_output(plan, out)})")
 
 
-def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool) -> None:
+def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool, fmt: str | None) -> None:
     """``torchrun ... -m ckpt_ema merge``: see ckpt_ema/distributed.py. Rank 0 draws and reports."""
     rank, ranks = distributed.world()
     distributed.init()
@@ -100,9 +106,8 @@ def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool) -> Non
     try:
         for warning in plan.warnings if rank == 0 else ():
             click.echo(f"warning: {warning}", err=True)
-        job = distributed.ShardedMerge(
-            plan, sharded_output_folders(plan, output, distributed.file_names(), force), warn
-        )
+        folders = sharded_output_folders(plan, output, distributed.file_names(plan, fmt), force)
+        job = distributed.ShardedMerge(plan, folders, warn, fmt)
         with progress_bar(job.total_bytes, f"merge rank {rank}", quiet or rank > 0) as bar:
             for done in job:
                 bar.update(done)
@@ -112,7 +117,7 @@ def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool) -> Non
         distributed.shutdown()
     if rank == 0 and not quiet:
         for out, folder in zip(plan.outputs, job.folders):
-            click.echo(f"wrote {folder}/ ({ranks} shards + {distributed.INDEX_NAME}; {describe_output(plan, out)})")
+            click.echo(f"wrote {folder}/ ({distributed.describe_files(job)}; {describe_output(plan, out)})")
 
 
 @main.command("plan")

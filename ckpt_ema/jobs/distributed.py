@@ -27,7 +27,8 @@ import torch
 
 from ckpt_ema.engine.merge_pass import MergePass
 from ckpt_ema.errors import OutputError
-from ckpt_ema.output.layouts import output_metadata
+from ckpt_ema.output import dcp as dcp_output
+from ckpt_ema.output.layouts import output_metadata, writes_dcp
 from ckpt_ema.output.writer import SafetensorsWriter, write_json_atomic
 from ckpt_ema.plan.model import Plan, TensorPlan
 
@@ -54,10 +55,20 @@ def split_tensors(tensors: Sequence[TensorPlan], ranks: int) -> list[list[Tensor
     return [[t for t in tensors if owner[t.name] == rank] for rank in range(ranks)]
 
 
-def file_names() -> list[str]:
-    """The files a distributed run writes into each output folder: the index and one shard per rank."""
+def file_names(plan: Plan, fmt: str | None = None) -> list[str]:
+    """The files a distributed run writes into each output folder: the index and one shard per rank
+    (a DCP output: ``.metadata``, the provenance and one ``__R_0.distcp`` per rank)."""
     _, ranks = world()
+    if writes_dcp(plan, fmt):
+        return [dcp_output.METADATA_NAME, dcp_output.PROVENANCE_NAME, *map(dcp_output.data_file_name, range(ranks))]
     return [INDEX_NAME, *(shard_name(r, ranks) for r in range(ranks))]
+
+
+def describe_files(job: ShardedMerge) -> str:
+    """What a finished distributed run wrote into each folder, for the summary line."""
+    if job.dcp:
+        return f"DCP: {job.ranks} x __R_0.distcp + {dcp_output.METADATA_NAME}"
+    return f"{job.ranks} shards + {INDEX_NAME}"
 
 
 def shard_name(rank: int, ranks: int) -> str:
@@ -71,9 +82,17 @@ class ShardedMerge:
         plan: the whole plan (every rank builds the same one from the headers).
         folders: one output folder per target (:func:`ckpt_ema.output.paths.sharded_output_folders`).
         on_warning: called with NaN/Inf warnings about this rank's tensors.
+        fmt: ``"dcp"`` for a DCP output (the default for DCP inputs): each rank writes its ``__R_0.distcp``
+            and rank 0 the ``.metadata``; else Hugging Face shards.
     """
 
-    def __init__(self, plan: Plan, folders: Sequence[Path], on_warning: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        folders: Sequence[Path],
+        on_warning: Callable[[str], None] | None = None,
+        fmt: str | None = None,
+    ) -> None:
         if plan.newest.source.is_folder:
             raise OutputError(
                 f"{plan.newest.path}: folder checkpoints are not supported in distributed runs yet; "
@@ -84,12 +103,17 @@ class ShardedMerge:
         self.folders = list(folders)
         self.shares = split_tensors(plan.tensors, self.ranks)
         self.tensors = self.shares[self.rank]
-        self.writers: list[SafetensorsWriter] = []
+        self.dcp = writes_dcp(plan, fmt)
+        self.writers: list[SafetensorsWriter | dcp_output.DcpDataFile] = []
         try:
             for folder, output in zip(self.folders, plan.outputs):
                 folder.mkdir(parents=True, exist_ok=True)
-                path = folder / shard_name(self.rank, self.ranks)
-                self.writers.append(SafetensorsWriter(path, self.tensors, output_metadata(plan, output)))
+                if self.dcp:
+                    path = folder / dcp_output.data_file_name(self.rank)
+                    self.writers.append(dcp_output.DcpDataFile(path, self.tensors))
+                else:
+                    path = folder / shard_name(self.rank, self.ranks)
+                    self.writers.append(SafetensorsWriter(path, self.tensors, output_metadata(plan, output)))
         except BaseException:
             self.abort()
             raise
@@ -120,12 +144,38 @@ def finish(job: ShardedMerge | None, ok: bool) -> None:
         if ok:
             raise OutputError("another rank of the distributed run failed (see its message); no output written")
         return  # this rank's own error is on its way up
-    for writer in job.writers:  # type: ignore[union-attr]
-        writer.commit()
+    assert job is not None
+    if job.dcp:
+        _finish_dcp(job)
+        return
+    for writer in job.writers:
+        writer.commit()  # type: ignore[union-attr]
     dist.barrier()
-    if job.rank == 0:  # type: ignore[union-attr]
-        for folder in job.folders:  # type: ignore[union-attr]
-            write_index(folder, job.shares)  # type: ignore[union-attr]
+    if job.rank == 0:
+        for folder in job.folders:
+            write_index(folder, job.shares)
+    dist.barrier()
+
+
+def _finish_dcp(job: ShardedMerge) -> None:
+    """Every rank's ``__R_0.distcp`` into place (an old ``.metadata`` removed first), then rank 0 gathers where
+    each tensor was written and writes ``.metadata`` last: only then is the folder a checkpoint."""
+    import torch.distributed as dist
+
+    for writer in job.writers:
+        writer.close()  # type: ignore[union-attr]
+    if job.rank == 0:
+        for folder in job.folders:
+            (folder / dcp_output.METADATA_NAME).unlink(missing_ok=True)
+    dist.barrier()
+    for writer in job.writers:
+        writer.rename()  # type: ignore[union-attr]
+    stored: list[list[list[dcp_output.StoredTensor]]] = [[] for _ in range(job.ranks)]
+    dist.all_gather_object(stored, [list(w.stored) for w in job.writers])  # type: ignore[union-attr]
+    if job.rank == 0:
+        for k, (folder, output) in enumerate(zip(job.folders, job.plan.outputs)):
+            dcp_output.write_provenance(folder, output_metadata(job.plan, output))
+            dcp_output.write_metadata(folder, [t for rank in stored for t in rank[k]], folder)
     dist.barrier()
 
 

@@ -24,11 +24,12 @@ import torch
 
 from ckpt_ema.errors import OutputError
 from ckpt_ema.io import CheckpointSource
+from ckpt_ema.output.dcp import DcpWriter
 from ckpt_ema.output.writer import TEMP_MARKER, OutputWriter, SafetensorsWriter, WriteOptions, remove_stale_temps
 from ckpt_ema.plan.model import OutputPlan, Plan, TensorPlan
 from ckpt_ema.series.load import checkpoint_stem
 
-FORMATS = ("safetensors", "folder")
+FORMATS = ("safetensors", "folder", "dcp")
 # metadata that describes the exact bytes of the newest input, wrong for the output
 STALE_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
 
@@ -52,11 +53,20 @@ def output_metadata(plan: Plan, output: OutputPlan) -> dict[str, str]:
     return {**carried, "format": "pt", **plan.provenance(output)}
 
 
+def writes_dcp(plan: Plan, fmt: str | None) -> bool:
+    """Whether the outputs are DCP folders (``--format dcp``, and by default for DCP checkpoints)."""
+    if fmt not in (None, *FORMATS):
+        raise OutputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return fmt == "dcp" or (fmt is None and plan.newest.source.output_format == "dcp")
+
+
 def writes_folder(plan: Plan, fmt: str | None) -> bool:
-    """Whether the outputs are folders (folder checkpoints, unless ``--format safetensors``)."""
+    """Whether the outputs are folders mirroring the inputs (folder checkpoints, unless ``--format safetensors``)."""
     source = plan.newest.source
     if fmt not in (None, *FORMATS):
         raise OutputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if writes_dcp(plan, fmt):
+        return False
     if fmt == "folder" and not source.is_folder:
         raise OutputError(
             f"--format folder: the checkpoints are single files ({source.path.name}); their output is one "
@@ -77,7 +87,9 @@ def open_output(
     fmt: str | None,
     options: WriteOptions | None = None,
 ) -> OutputWriter:
-    """The sink that writes one output: a ``SafetensorsWriter`` or a ``FolderWriter``."""
+    """The sink that writes one output: a ``SafetensorsWriter``, a ``FolderWriter`` or a ``DcpWriter``."""
+    if writes_dcp(plan, fmt):
+        return DcpWriter(path, plan.tensors, metadata, options)
     if writes_folder(plan, fmt):
         return FolderWriter(path, plan, metadata, options)
     source = plan.newest.source

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ckpt_ema.errors import OutputError
-from ckpt_ema.output.layouts import writes_folder
+from ckpt_ema.output.layouts import writes_dcp, writes_folder
 from ckpt_ema.plan.model import Plan
 from ckpt_ema.series.discover import file_id
 
@@ -26,7 +26,7 @@ def output_paths(plan: Plan, output: str | os.PathLike, force: bool = False, fmt
     to write over an input (or a hard link to one), or over an existing file without ``force``.
     Folder checkpoints give folder outputs (``output``, or ``output/NAME/``) unless ``fmt="safetensors"``.
     """
-    if writes_folder(plan, fmt):
+    if writes_folder(plan, fmt) or writes_dcp(plan, fmt):
         return _outside_checkpoint_folders(plan, folder_output_paths(plan, output, force))
     out = Path(output)
     as_folder = len(plan.outputs) > 1 or out.is_dir() or str(output).endswith(os.sep)
@@ -84,7 +84,7 @@ def folder_output_paths(plan: Plan, output: str | os.PathLike, force: bool) -> l
 def paths_in_folder(plan: Plan, folder: Path, force: bool = False) -> list[Path]:
     """Each output's path inside ``folder``, named after its target (also for a single output)."""
     if len(plan.outputs) == 1:
-        name = plan.outputs[0].name + ("" if writes_folder(plan, None) else SUFFIX)
+        name = plan.outputs[0].name + ("" if writes_folder(plan, None) or writes_dcp(plan, None) else SUFFIX)
         return output_paths(plan, folder / name, force=force)
     return output_paths(plan, folder, force=force)
 

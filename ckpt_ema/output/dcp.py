@@ -1,0 +1,387 @@
+"""Writing DCP (torch.distributed.checkpoint) folders that ``dcp.load`` and torchtitan's model-only load read.
+
+The layout is the one torch's ``FileSystemWriter`` produces (``torch/distributed/checkpoint/filesystem.py``)::
+
+    OUT/__R_0.distcp    rank R's tensors, each one ``torch.save`` blob (a small zip: pickle, then the data)
+    OUT/.metadata       a pickle of torch's ``Metadata``: every tensor's dtype, size and chunk, and where it is
+    OUT/ckpt_ema.json   the provenance (SPEC §6: ``format``, ``ckpt_ema.*``), which DCP has no place for
+
+Each tensor is one chunk (offsets 0, the full size) under the model's own names, so
+``dcp.load(model.state_dict(), checkpoint_id=OUT)`` fills an unwrapped model (any sharding: DCP reshards
+on load). A blob's bytes are produced as ``torch.save`` writes them: its zip header and pickle come from
+``torch.save`` of an empty tensor of the same dtype and shape under ``torch.serialization.skip_data`` (which
+leaves a hole where the data goes), the data is streamed into the hole chunk by chunk, and the zip's CRC-32
+fields are filled in afterwards. No tensor is ever held whole.
+
+Atomic: a single-process output is built in ``.OUT.ckpt-ema-tmp-PID`` and renamed into place when complete.
+In a distributed run every rank writes its own ``__R_0.distcp`` under a temporary name, they are renamed
+only when every rank has succeeded, and rank 0 writes ``.metadata`` last: a DCP folder without
+``.metadata`` is not a checkpoint, so no reader ever sees a partial one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import struct
+import uuid
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ckpt_ema.errors import OutputError
+from ckpt_ema.io.safetensors_format import DTYPES
+from ckpt_ema.output.writer import TEMP_MARKER, WriteOptions, remove_stale_temps, write_json_atomic
+from ckpt_ema.plan.model import TensorPlan
+
+METADATA_NAME = ".metadata"
+PROVENANCE_NAME = "ckpt_ema.json"
+
+
+def data_file_name(rank: int) -> str:
+    return f"__{rank}_0.distcp"
+
+
+class _HoleRecorder(io.RawIOBase):
+    """A stream for ``torch.save`` under ``skip_data``: keeps the bytes written, records the skipped data."""
+
+    def __init__(self) -> None:
+        self.pieces: list[bytearray] = [bytearray()]
+        self.holes: list[int] = []
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.pieces[-1] += bytes(data)
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR and offset:
+            self.holes.append(offset)
+            self.pieces.append(bytearray())
+            self.pos += offset
+        elif not (whence == io.SEEK_SET and offset == self.pos) and not (whence == io.SEEK_CUR and not offset):
+            raise OSError("torch.save seeked unexpectedly while writing a template")
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+@dataclass
+class BlobTemplate:
+    """A tensor's ``torch.save`` bytes around its data: ``head`` + data (``size`` bytes) + ``tail``."""
+
+    head: bytes
+    size: int
+    tail: bytearray
+    local_crc: int | None  # offset of the CRC field in head (None when a data descriptor carries it)
+    tail_crcs: list[int]  # offsets of the CRC fields in tail (data descriptor, central directory)
+
+    @property
+    def length(self) -> int:
+        return len(self.head) + self.size + len(self.tail)
+
+
+def blob_template(shape: Sequence[int], dtype: torch.dtype) -> BlobTemplate:
+    """What ``torch.save(tensor)`` writes for a contiguous tensor of this shape and dtype, minus the data."""
+    placeholder = torch.empty(tuple(shape), dtype=dtype)  # never touched: no memory is committed
+    recorder = _HoleRecorder()
+    with torch.serialization.skip_data():
+        torch.save(placeholder, recorder)  # type: ignore[arg-type]
+    size = placeholder.numel() * placeholder.element_size()
+    if size == 0:
+        return BlobTemplate(bytes(b"".join(recorder.pieces)), 0, bytearray(), None, [])
+    if recorder.holes != [size] or len(recorder.pieces) != 2:
+        raise RuntimeError(f"unexpected torch.save layout for {dtype} {list(shape)}: holes {recorder.holes}")
+    head, tail = bytes(recorder.pieces[0]), recorder.pieces[1]
+    local = head.rfind(b"PK\x03\x04")  # the data record's local header is the last one before the data
+    flags = struct.unpack_from("<H", head, local + 6)[0]
+    local_crc = None if flags & 0x08 else local + 14
+    crcs = [4] if tail[:4] == b"PK\x07\x08" else []
+    position = tail.find(b"PK\x01\x02")
+    while position >= 0:  # central directory entries: the one naming .../data/0
+        name_length = struct.unpack_from("<H", tail, position + 28)[0]
+        name = bytes(tail[position + 46 : position + 46 + name_length])
+        if name.endswith(b"/data/0"):
+            crcs.append(position + 16)
+        position = tail.find(b"PK\x01\x02", position + 4)
+    return BlobTemplate(head, size, tail, local_crc, crcs)
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one written tensor is: its data file, and the blob's offset and length in it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    relpath: str
+    offset: int
+    length: int
+    data_offset: int  # where the tensor's bytes start in the file
+    data_bytes: int
+
+
+class DcpDataFile:
+    """Streams one ``__R_0.distcp`` file; tensors must arrive in the order given, each exactly once."""
+
+    def __init__(
+        self, path: Path, tensors: Sequence[TensorPlan], relpath: str | None = None, digest: bool = False
+    ) -> None:
+        self.path = path
+        self.digest = hashlib.sha256() if digest else None
+        self.relpath = relpath or path.name
+        self.temp_path = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
+        self._tensors = list(tensors)
+        self._index = 0
+        self._template: BlobTemplate | None = None
+        self._written = 0
+        self._crc = 0
+        self._blob_start = 0
+        self.stored: list[StoredTensor] = []
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+            self._file = os.fdopen(os.open(self.temp_path, flags, 0o644), "wb", buffering=0)
+        except FileExistsError:
+            raise OutputError(f"{self.temp_path}: already exists (another run writing {path}?)") from None
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        self._advance()
+
+    def _advance(self) -> None:
+        """Start the next tensor (finishing empty ones at once: they have no data to wait for)."""
+        while self._index < len(self._tensors):
+            tensor = self._tensors[self._index]
+            self._template = blob_template(tensor.shape, DTYPES[tensor.out_dtype][0])
+            self._blob_start = self._file.tell()
+            self._write(self._template.head)
+            self._written, self._crc = 0, 0
+            if self._template.size:
+                return
+            self._finish_tensor()
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: write failed ({exc.strerror or exc})") from None
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        """Append (part of) tensor ``name``; ``data`` is contiguous in the output dtype."""
+        if self._index >= len(self._tensors) or name != self._tensors[self._index].name:
+            raise RuntimeError(f"tensor {name!r} written out of order")
+        view = memoryview(data.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+        self._write(view)
+        self._crc = zlib.crc32(view, self._crc)
+        if self.digest is not None:
+            self.digest.update(view)
+        self._written += view.nbytes
+        assert self._template is not None
+        if self._written > self._template.size:
+            raise RuntimeError(f"tensor {name!r}: more bytes written than its shape holds")
+        if self._written == self._template.size:
+            self._finish_tensor()
+            self._advance()
+
+    def _finish_tensor(self) -> None:
+        template = self._template
+        assert template is not None
+        crc = struct.pack("<I", self._crc & 0xFFFFFFFF)
+        tail = bytearray(template.tail)
+        for offset in template.tail_crcs:
+            tail[offset : offset + 4] = crc
+        self._write(tail)
+        if template.local_crc is not None and template.size:
+            os.pwrite(self._file.fileno(), crc, self._blob_start + template.local_crc)
+        tensor = self._tensors[self._index]
+        self.stored.append(
+            StoredTensor(
+                tensor.name,
+                tensor.out_dtype,
+                tuple(tensor.shape),
+                self.relpath,
+                self._blob_start,
+                template.length,
+                self._blob_start + len(template.head),
+                template.size,
+            )
+        )
+        self._index += 1
+        self._template = None
+
+    def close(self) -> None:
+        """Flush and close the temporary file (every tensor must have been written)."""
+        if self._index != len(self._tensors):
+            raise RuntimeError(f"{self.path}: {len(self._tensors) - self._index} tensors were not written")
+        try:
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: cannot finish writing ({exc.strerror or exc})") from None
+
+    def rename(self) -> None:
+        os.replace(self.temp_path, self.path)
+        self.temp_path = self.path  # abort() now removes the renamed file
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        try:
+            os.unlink(self.temp_path)
+        except FileNotFoundError:
+            pass
+
+
+def build_metadata(stored: Sequence[StoredTensor], checkpoint_id: str) -> object:
+    """torch's ``Metadata`` for tensors written whole (one chunk each), as ``FileSystemWriter.finish`` writes it."""
+    from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    state_dict_metadata: dict[str, object] = {}
+    storage_data: dict[object, object] = {}
+    for item in stored:
+        zeros = torch.Size([0] * len(item.shape))
+        size = torch.Size(item.shape)
+        state_dict_metadata[item.name] = TensorStorageMetadata(
+            TensorProperties(dtype=DTYPES[item.dtype][0]), size, [ChunkStorageMetadata(zeros, size)]
+        )
+        storage_data[MetadataIndex(item.name, zeros, 0)] = _StorageInfo(item.relpath, item.offset, item.length)
+    return Metadata(
+        state_dict_metadata=state_dict_metadata,  # type: ignore[arg-type]
+        planner_data={item.name: (item.name,) for item in stored},
+        storage_data=storage_data,
+        storage_meta=StorageMeta(checkpoint_id=checkpoint_id, save_id=str(uuid.uuid4())),
+        version=CURRENT_DCP_VERSION,
+    )
+
+
+def write_metadata(folder: Path, stored: Sequence[StoredTensor], final: Path) -> None:
+    """``.metadata`` (through a temporary name: its appearance completes the checkpoint)."""
+    temp = folder / f"{METADATA_NAME}.tmp-{os.getpid()}"
+    with open(temp, "wb") as f:
+        pickle.dump(build_metadata(stored, str(final)), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, folder / METADATA_NAME)
+
+
+def write_provenance(folder: Path, metadata: Mapping[str, str], options: WriteOptions | None = None) -> None:
+    """``ckpt_ema.json``: the output's metadata, with the values only known at the end (inputs' SHA-256)."""
+    values = dict(metadata)
+    if options is not None and options.late_metadata:
+        late = options.late_values() if options.late_values else {}
+        values.update({k: v for k, v in late.items() if k in options.late_metadata})
+    write_json_atomic(folder / PROVENANCE_NAME, {"metadata": values})
+
+
+class DcpWriter:
+    """Writes one DCP output folder in a single process; ``commit`` renames it into place.
+
+    Args:
+        path: the output folder (replaced on commit if it exists; the caller checks ``--force``).
+        tensors: the output's tensors, in the order they will be written.
+        metadata: provenance, written to ``ckpt_ema.json``.
+        options: ``verify`` reads the data file back; ``late_metadata`` values are filled in at commit.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        tensors: Sequence[TensorPlan],
+        metadata: Mapping[str, str],
+        options: WriteOptions | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.temp = self.path.parent / f".{self.path.name}{TEMP_MARKER}{os.getpid()}"
+        self._metadata = dict(metadata)
+        self._options = options or WriteOptions()
+        self._data: DcpDataFile | None = None
+        try:
+            remove_stale_temps(self.path.parent)
+            self.temp.mkdir(parents=True)
+            self._data = DcpDataFile(self.temp / data_file_name(0), tensors, digest=self._options.verify)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        assert self._data is not None
+        self._data.write(name, data)
+
+    def commit(self) -> None:
+        """Finish the data file, write ``.metadata`` and the provenance, rename the folder into place."""
+        assert self._data is not None
+        try:
+            self._data.close()
+            self._data.rename()
+            if self._data.digest is not None:
+                verify_data_file(self._data, self._data.digest.digest())
+            write_provenance(self.temp, self._metadata, self._options)
+            write_metadata(self.temp, self._data.stored, self.path)
+            old = None
+            if self.path.exists():
+                old = self.path.parent / f".{self.path.name}.ckpt-ema-old-{os.getpid()}"
+                os.replace(self.path, old)
+            try:
+                os.replace(self.temp, self.path)
+            except OSError:
+                if old is not None:
+                    os.replace(old, self.path)  # put the previous output back
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: cannot finish writing ({exc.strerror or exc})") from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        if self._data is not None:
+            self._data.abort()
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def verify_data_file(data: DcpDataFile, digest: bytes) -> None:
+    """``--verify``: read the finished data file back from disk and compare its bytes with those written."""
+    with open(data.path, "rb") as f:
+        if hasattr(os, "posix_fadvise"):  # fsync'd pages are clean: drop them so the read comes from disk
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        read_back = hashlib.sha256()
+        for item in data.stored:
+            f.seek(item.data_offset)
+            left = item.data_bytes
+            while left:
+                block = f.read(min(left, 8 << 20))
+                if not block:
+                    break
+                read_back.update(block)
+                left -= len(block)
+    if read_back.digest() != digest:
+        raise OutputError(f"{data.path}: --verify: the data read back differs from the data written")
