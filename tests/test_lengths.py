@@ -76,3 +76,14 @@ def test_step_size_from_the_trainers_record(tmp_path):
     assert (size.tokens, size.samples) == (512.0, 16.0)
     assert size.source == "--tokens-per-step; a.safetensors metadata 'ss_total_batch_size'"
     assert step_size_from_record(files, [{}]) is None
+
+
+def test_per_step_counts():
+    from ckpt_ema.series.lengths import check_per_step
+
+    assert check_per_step("--tokens-per-step", "1M") == 1e6
+    assert check_per_step("--tokens-per-step", 4096.0) == 4096.0
+    assert check_per_step("--samples-per-step", None) is None
+    for bad in ("1Mtok", "0", "x"):
+        with pytest.raises(TargetError, match="--tokens-per-step"):
+            check_per_step("--tokens-per-step", bad)

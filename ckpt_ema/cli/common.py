@@ -99,9 +99,18 @@ def series_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ],
         click.option(
             "--at",
-            type=click.IntRange(min=0),
             metavar="STEP",
-            help="The EMA as of this step (a checkpoint's); later ones are ignored.",
+            help="The EMA as of this step (a checkpoint's; or in tokens/samples: 2Btokens); later ones are ignored.",
+        ),
+        click.option(
+            "--tokens-per-step",
+            metavar="N",
+            help="Tokens per optimizer step, for lengths in tokens (default: the trainer's record, if any).",
+        ),
+        click.option(
+            "--samples-per-step",
+            metavar="N",
+            help="Samples per optimizer step (the global batch), for lengths in samples (default: kohya's record).",
         ),
         click.option("--steps", type=StepList(), help="Steps of the inputs, in the order given (overrides detection)."),
         click.option("--per-checkpoint", is_flag=True, help="Each checkpoint is one EMA update (ignores step counts)."),
@@ -164,6 +173,8 @@ def plan_options(options: dict[str, Any]) -> dict[str, Any]:
     return {
         **target_values(options),
         "at": options["at"],
+        "tokens_per_step": options["tokens_per_step"],
+        "samples_per_step": options["samples_per_step"],
         "steps": options["steps"],
         "init": options["init"],
         "interp": options["interp"],

@@ -30,7 +30,8 @@ from ckpt_ema.output.writer import (
 from ckpt_ema.plan.ema import plan_ema
 from ckpt_ema.plan.model import Plan
 from ckpt_ema.plan.posthoc import plan_posthoc
-from ckpt_ema.plan.targets import parse_targets
+from ckpt_ema.plan.targets import in_steps, parse_targets
+from ckpt_ema.series.lengths import StepSize, check_per_step, parse_length, step_size_from_record
 from ckpt_ema.series.load import load_series
 
 Numbers = Sequence[float | str]
@@ -43,7 +44,7 @@ def plan_merge(
     half_life: Numbers = (),
     sigma_rel: Numbers = (),
     gamma: Numbers = (),
-    at: int | None = None,
+    at: int | str | None = None,
     steps: Sequence[int] | None = None,
     init: str | os.PathLike | None = None,
     interp: str = "linear",
@@ -54,6 +55,8 @@ def plan_merge(
     allow_mixed_runs: bool = False,
     tracked_sigma_rel: Numbers = (),
     tracked_gamma: Numbers = (),
+    tokens_per_step: float | str | None = None,
+    samples_per_step: float | str | None = None,
     **other_targets: Numbers,
 ) -> Plan:
     """Find the series, its steps and each output's coefficients, reading only file headers.
@@ -61,7 +64,8 @@ def plan_merge(
     Args:
         inputs: checkpoint files, or folders holding them, in any order (sorted by step).
         decay, half_life, sigma_rel, gamma: targets (decay per optimizer step; half-life in steps).
-        at: target step (a checkpoint's step); default the last one. Later checkpoints are ignored.
+        at: target step (a checkpoint's step; or a length such as ``"2Btokens"``); default the last one.
+            Later checkpoints are ignored.
         steps: explicit steps, one per input file in the order given.
         init: the weights at step 0, e.g. the base model a fine-tune started from.
         interp: ``"linear"`` or ``"hold"``: how the weights move between checkpoints.
@@ -72,13 +76,19 @@ def plan_merge(
         allow_mixed_runs: accept kohya files from different training sessions (``ss_session_id``).
         tracked_sigma_rel, tracked_gamma: the inputs are snapshots of these power-function EMAs (EDM2,
             ema-pytorch ``PostHocEMA``); each target is then reconstructed from them (see ``posthoc``).
-        other_targets: targets of the other kinds of ``ckpt_ema.plan.kinds``, by option key.
+        tokens_per_step, samples_per_step: for lengths given in tokens or samples (``--window 2Btokens``);
+            default: from the trainer's record where it has one (``series.lengths.step_size_from_record``).
+        other_targets: targets of the other kinds of ``ckpt_ema.plan.kinds`` (``last``, ``window``,
+            ``lr_decay``), by option key.
     """
     targets = parse_targets(decay=decay, half_life=half_life, sigma_rel=sigma_rel, gamma=gamma, **other_targets)
+    tokens = check_per_step("--tokens-per-step", tokens_per_step)
+    samples = check_per_step("--samples-per-step", samples_per_step)
     if tracked_sigma_rel or tracked_gamma:
+        given = step_size_from_record([], [], tokens, samples)
         return plan_posthoc(
-            inputs, targets, tracked_sigma_rel, tracked_gamma, at=at, steps=steps, init=init,
-            per_checkpoint=per_checkpoint, dtype=dtype,
+            inputs, in_steps(targets, given), tracked_sigma_rel, tracked_gamma, at=at_step(at, given), steps=steps,
+            init=init, per_checkpoint=per_checkpoint, dtype=dtype,
         )  # fmt: skip
     checkpoints = load_series(
         inputs,
@@ -89,7 +99,21 @@ def plan_merge(
         component=component,
         allow_mixed_runs=allow_mixed_runs,
     )
-    return plan_ema(checkpoints, targets, at=at, interp=interp, per_checkpoint=per_checkpoint, dtype=dtype)
+    size = step_size_from_record(checkpoints, [c.source.metadata for c in checkpoints], tokens, samples)
+    return plan_ema(
+        checkpoints, targets, at=at_step(at, size), interp=interp, per_checkpoint=per_checkpoint, dtype=dtype,
+        step_size=size,
+    )  # fmt: skip
+
+
+def at_step(at: int | str | None, size: StepSize | None) -> int | None:
+    """``--at``: a step (``1000``, ``10k``), or a length in tokens/samples rounded to the nearest step."""
+    if at is None or isinstance(at, int):
+        return at
+    if str(at).strip().isdigit():
+        return int(str(at).strip())
+    length = parse_length("--at", at)
+    return length.whole_steps(size, "--at")
 
 
 class MergeJob:

@@ -147,7 +147,7 @@ def sweep_json(result: SweepResult) -> dict[str, object]:
                 "name": c.name,
                 "path": str(c.path),
                 "kept": c.kept,
-                "target": {"method": c.output.method, **c.output.params},
+                "target": {"method": c.output.method, **c.output.params, **c.output.labels},
                 "half_life": c.half_life,
                 "sigma_rel": c.sigma_rel,
                 "coefficients": list(c.output.coefficients),

@@ -9,7 +9,8 @@ from ckpt_ema.errors import TargetError
 from ckpt_ema.math import ema as kernels
 from ckpt_ema.plan.kinds import target_flags
 from ckpt_ema.plan.model import OutputPlan, Plan, plan_tensors
-from ckpt_ema.plan.targets import Target
+from ckpt_ema.plan.targets import Target, in_steps
+from ckpt_ema.series.lengths import StepSize
 from ckpt_ema.series.load import Checkpoint
 
 # Warn when the first checkpoint (or the --init weights) keeps this share of an output.
@@ -23,22 +24,27 @@ def plan_ema(
     interp: str = "linear",
     per_checkpoint: bool = False,
     dtype: str = "same",
+    step_size: StepSize | None = None,
 ) -> Plan:
-    """Plan classic and power-function EMAs of a sorted series at step ``at`` (default: the last step).
+    """Plan classic and power-function EMAs (and every other kind) of a sorted series at step ``at``
+    (default: the last step). ``step_size``: tokens/samples per step, for lengths given in them.
 
     Raises:
-        TargetError: no target, ``at`` not the step of a checkpoint of the series, bad ``interp``/``dtype``.
+        TargetError: no target, ``at`` not the step of a checkpoint of the series, bad ``interp``/``dtype``,
+        a length in tokens or samples without their number per step.
     """
     if not targets:
         raise TargetError(f"no target given: add {target_flags()}")
     if interp not in kernels.INTERPOLATIONS:
         raise TargetError(f"--interp must be one of {', '.join(kernels.INTERPOLATIONS)}, got {interp!r}")
+    targets = in_steps(targets, step_size)
     used, ignored = split_at(checkpoints, at)
     steps = [c.step for c in used]
     outputs = []
     for target in targets:
-        coefs = target.coefficients(steps, interp, per_checkpoint)
-        outputs.append(OutputPlan(target.name, target.method, target.describe(), tuple(float(c) for c in coefs)))
+        coefs = tuple(float(c) for c in target.coefficients(steps, interp, per_checkpoint))
+        labels = target.family.labels(target)
+        outputs.append(OutputPlan(target.name, target.method, target.describe(), coefs, labels))
     plan = Plan(
         checkpoints=tuple(used),
         ignored=tuple(ignored),
@@ -47,6 +53,7 @@ def plan_ema(
         per_checkpoint=per_checkpoint,
         outputs=tuple(outputs),
         tensors=plan_tensors(used, dtype),
+        step_size=step_size,
     )
     return _with_warnings(plan, targets)
 
@@ -92,7 +99,7 @@ def _with_warnings(plan: Plan, targets: Sequence[Target]) -> Plan:
     first = "the base model (--init)" if plan.checkpoints[0].is_init else f"the first checkpoint (step {steps[0]})"
     for target, output in zip(targets, plan.outputs):
         share = output.coefficients[0]
-        if len(steps) > 1 and share >= LARGE_FIRST_SHARE:
+        if len(steps) > 1 and share >= LARGE_FIRST_SHARE and target.family.warns_first_share:
             warnings.append(
                 f"{output.name}: {first} keeps {share:.0%} of the weight; the EMA is long for this "
                 f"{steps[-1] - steps[0]}-step series"

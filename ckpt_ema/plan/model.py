@@ -20,9 +20,12 @@ from ckpt_ema.io import is_lora_alpha
 from ckpt_ema.io.safetensors_format import DTYPES
 from ckpt_ema.math import ema as kernels
 from ckpt_ema.plan.kinds import METHODS
+from ckpt_ema.series.lengths import StepSize
 from ckpt_ema.series.load import Checkpoint
 
 OUTPUT_DTYPES = {"same": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+# Equivalents that are lengths in steps: Plan.equivalents adds them in tokens/samples (``half_life_tokens``).
+LENGTH_KEYS = ("half_life", "length")
 # Reconstruction outputs (posthoc.py) carry these in their params; to_json also shows them per output.
 FIT_DIAGNOSTICS = ("condition_number", "abs_sum", "fit_error")
 
@@ -35,6 +38,7 @@ class OutputPlan:
     method: str
     params: dict[str, float]
     coefficients: tuple[float, ...]
+    labels: dict[str, str] = field(default_factory=dict)  # textual parameters, e.g. an lr-decay's shape
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class Plan:
     outputs: tuple[OutputPlan, ...]
     tensors: tuple[TensorPlan, ...]
     warnings: tuple[str, ...] = field(default=())
+    step_size: StepSize | None = None  # tokens/samples per step, when known (lengths shown in them too)
 
     @property
     def newest(self) -> Checkpoint:
@@ -83,6 +88,7 @@ class Plan:
             "ckpt_ema.interp": "per-checkpoint" if self.per_checkpoint else self.interp,
         }
         meta.update({f"ckpt_ema.{k}": repr(float(v)) for k, v in output.params.items()})
+        meta.update({f"ckpt_ema.{k}": v for k, v in output.labels.items()})
         for index, (ckpt, coef) in enumerate(zip(self.checkpoints, output.coefficients)):
             meta[f"ckpt_ema.input.{index}.path"] = str(ckpt.path)
             meta[f"ckpt_ema.input.{index}.step"] = str(ckpt.step)
@@ -106,6 +112,11 @@ class Plan:
             result.update(family.equivalents(output.params, self.target_step))
         if "half_life" in result and self.spacing > 0:
             result["half_life_checkpoints"] = result["half_life"] / self.spacing
+        for key in LENGTH_KEYS:  # lengths in steps, also in tokens/samples when the step size is known
+            for unit in ("tokens", "samples"):
+                per_step = self.step_size.per_step(unit) if self.step_size is not None else None
+                if key in result and per_step:
+                    result[f"{key}_{unit}"] = result[key] * per_step
         return result
 
     def to_json(self) -> dict[str, Any]:
@@ -113,12 +124,13 @@ class Plan:
         return {
             "target_step": self.target_step,
             "interp": "per-checkpoint" if self.per_checkpoint else self.interp,
+            **({"step_size": self.step_size.to_json()} if self.step_size is not None else {}),
             "checkpoints": [_checkpoint_json(c) for c in self.checkpoints],
             "ignored": [_checkpoint_json(c) for c in self.ignored],
             "outputs": [
                 {
                     "name": o.name,
-                    "target": {"method": o.method, **o.params},
+                    "target": {"method": o.method, **o.params, **o.labels},
                     "equivalents": self.equivalents(o),
                     **{k: o.params[k] for k in FIT_DIAGNOSTICS if k in o.params},
                     "inputs": [

@@ -7,7 +7,7 @@ coefficients; a ``Target`` is the key, the value and the text the user wrote.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from ckpt_ema.errors import TargetError
 from ckpt_ema.plan.kinds import KINDS, TargetKind
 from ckpt_ema.plan.kinds.classic import Classic
 from ckpt_ema.plan.kinds.power import Power
+from ckpt_ema.series.lengths import Length, StepSize
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class Target:
     kind: str
     value: float
     text: str = ""
+    length: Length | None = None  # for lengths (--half-life, --window, ...): as written, in steps/tokens/samples
 
     @property
     def family(self) -> TargetKind:
@@ -36,8 +38,18 @@ class Target:
 
     @property
     def name(self) -> str:
-        """Output name, e.g. ``decay-0.999``, ``sigma_rel-0.1``, ``half_life-500``."""
-        return f"{self.kind}-{format_number(self.value)}"
+        """Output name, e.g. ``decay-0.999``, ``sigma_rel-0.1``, ``half_life-500``, ``window-2Btokens``."""
+        return self.family.name(self)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.kind.replace("_", "-")
+
+    def in_steps(self, size: StepSize | None) -> Target:
+        """The target with a length in tokens or samples converted to steps (``size``: per step)."""
+        if self.length is None or self.length.in_steps:
+            return self
+        return replace(self, value=self.family.to_steps(self.kind, self.length.steps(size, self.flag)))
 
     @property
     def method(self) -> str:
@@ -70,7 +82,8 @@ def parse_target(kind: str, text: str | float) -> Target:
     """Validate one target option; raise ``TargetError`` with a message naming the option."""
     if kind not in KINDS:
         raise TargetError(f"unknown target kind {kind!r}")
-    return Target(kind, KINDS[kind].parse(kind, str(text)), str(text))
+    family = KINDS[kind]
+    return Target(kind, family.parse(kind, str(text)), str(text), family.length(kind, str(text)))
 
 
 def parse_targets(**options: Sequence[str | float]) -> list[Target]:
@@ -84,6 +97,11 @@ def parse_targets(**options: Sequence[str | float]) -> list[Target]:
     if duplicates:
         raise TargetError(f"target given twice: {', '.join(duplicates)}")
     return targets
+
+
+def in_steps(targets: Sequence[Target], size: StepSize | None) -> list[Target]:
+    """Every target with its lengths in steps; raises ``TargetError`` when tokens/samples per step are unknown."""
+    return [t.in_steps(size) for t in targets]
 
 
 def format_number(value: float) -> str:

@@ -55,7 +55,8 @@ def plot_scores(
     path: str | os.PathLike,
     ylabel: str = "score",
 ) -> Path:
-    """Score against the half-life in steps (log axis), classic and power-function candidates apart."""
+    """Score against the half-life in steps (log axis), classic and power-function candidates apart; the
+    candidates without a half-life (``--last``, ``--window``, ``--lr-decay``) as dashed lines at their score."""
     figure_class = require_matplotlib()
     figure = figure_class(figsize=(7, 4), layout="constrained")
     axes = figure.add_subplot()
@@ -69,12 +70,19 @@ def plot_scores(
     for h, s, label in zip(half_lives, scores, labels):
         if s is not None and h is not None:
             axes.annotate(label, (h, s), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
-    if best is not None and scores[best] is not None:
+    # Averages without a half-life (--last, --window, --lr-decay): a dashed line at their score each.
+    others = [(i, s) for i, (h, s) in enumerate(zip(half_lives, scores)) if h is None and s is not None]
+    for n, (i, s) in enumerate(others):
+        color = f"C{(n + len(set(kinds))) % 10}"
+        label = labels[i] + (" (best)" if i == best else "")
+        axes.axhline(s, linestyle="--", linewidth=2.0 if i == best else 0.9, color=color, label=label)
+    if best is not None and scores[best] is not None and half_lives[best] is not None:
         axes.plot(
             [half_lives[best]], [scores[best]], marker="*", markersize=14, color="red", linestyle="", label="best"
         )
-    axes.set_xscale("log")
-    axes.set_xlabel("half-life at the target step (steps, log scale)")
+    if any(h is not None and s is not None for h, s in zip(half_lives, scores)):
+        axes.set_xscale("log")
+    axes.set_xlabel("half-life at the target step (steps, log scale); dashed: averages without a half-life")
     axes.set_ylabel(ylabel)
     axes.legend(fontsize="small")
     return _save(figure, path)

@@ -7,6 +7,7 @@ import os
 from ckpt_ema.math import ema as kernels
 from ckpt_ema.plan.kinds import METHODS
 from ckpt_ema.plan.model import OutputPlan, Plan
+from ckpt_ema.series.lengths import StepSize
 from ckpt_ema.series.load import Checkpoint
 
 
@@ -29,6 +30,8 @@ def describe_series(plan: Plan) -> list[str]:
     if tracked:
         kind = f"EMA snapshots of sigma_rel {', '.join(f'{s:.4g}' for s in tracked)}"
     lines = [f"{len(steps)} {kind}, steps {steps[0]} to {steps[-1]} ({spacing}); target step T = {plan.target_step}"]
+    if plan.step_size is not None:
+        lines.append(f"{_per_step(plan.step_size)}; T = {plan.step_size.describe(plan.target_step)}")
     width = max(len(_short(c.path)) for c in plan.checkpoints)
     for c in plan.checkpoints:
         role = "  (--init, step 0)" if c.is_init else f"  step from {c.step_info.source}"
@@ -63,7 +66,8 @@ def describe_output(plan: Plan, output: OutputPlan) -> str:
     family = METHODS.get(output.method)
     parts = family.summary(output, eq, plan.target_step) if family is not None else [output.method]
     first = "init" if plan.checkpoints[0].is_init else "first checkpoint"
-    parts.append(f"{first} keeps {eq['first_share']:.2%}")
+    if family is None or family.warns_first_share or eq["first_share"] > 0.0:
+        parts.append(f"{first} keeps {eq['first_share']:.2%}")
     return f"{output.name}: " + "; ".join(parts)
 
 
@@ -86,6 +90,12 @@ def _describe_reconstruction(output: OutputPlan) -> str:
         f"{target}, reconstructed from {used} snapshots; condition number {p['condition_number']:.3g}, "
         f"Σ|x| {p['abs_sum']:.4g}, fit error {p['fit_error']:.3%}"
     )
+
+
+def _per_step(size: StepSize) -> str:
+    """``4096 tokens per step (from --tokens-per-step)``."""
+    known = [f"{v:.6g} {unit} per step" for unit, v in (("tokens", size.tokens), ("samples", size.samples)) if v]
+    return f"{', '.join(known)} (from {size.source})"
 
 
 def _profile(c: Checkpoint) -> str:

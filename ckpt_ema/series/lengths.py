@@ -14,13 +14,14 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Protocol
 
 from ckpt_ema.errors import TargetError
 
 UNITS = ("steps", "tokens", "samples")
-MULTIPLIERS = {"": 1.0, "k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9, "T": 1e12}
+MULTIPLIERS = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 _UNIT_ALIASES = {
     "": "steps",
     "step": "steps",
@@ -96,7 +97,7 @@ class StepSize:
         for unit in ("tokens", "samples"):
             per_step = self.per_step(unit)
             if per_step:
-                text += f" = {_si(steps * per_step)} {unit}"
+                text += f" = {format_si(steps * per_step)} {unit}"
         return text
 
     def to_json(self) -> dict[str, object]:
@@ -112,19 +113,23 @@ def parse_length(option: str, text: str | float) -> Length:
         raise TargetError(
             f"{option} {raw}: not a length; write steps (500, 10k), tokens (2Btokens, 50Mtok) or samples (1.5Msamples)"
         )
-    amount = float(match.group("number")) * MULTIPLIERS[match.group("mult")]
+    amount = float(Decimal(match.group("number")) * Decimal(MULTIPLIERS[match.group("mult")]))  # 40.96k = 40960
     if not (math.isfinite(amount) and amount > 0):
         raise TargetError(f"{option} {raw}: must be > 0")
     return Length(amount, unit, raw.strip())
 
 
-def check_per_step(option: str, value: float | None) -> float | None:
-    """``--tokens-per-step``/``--samples-per-step``: a finite number > 0 (None when not given)."""
+def check_per_step(option: str, value: float | str | None) -> float | None:
+    """``--tokens-per-step``/``--samples-per-step``: a number > 0, with a multiplier if wanted (``1M``)."""
     if value is None:
         return None
-    if not (math.isfinite(value) and value > 0):
+    match = _LENGTH.match(str(value))
+    if match is None or match.group("unit"):
+        raise TargetError(f"{option} {value}: not a number (e.g. 4096 or 1M)")
+    amount = float(Decimal(match.group("number")) * Decimal(MULTIPLIERS[match.group("mult")]))
+    if not (math.isfinite(amount) and amount > 0):
         raise TargetError(f"{option} {value}: must be > 0")
-    return float(value)
+    return amount
 
 
 class _Recorded(Protocol):
@@ -184,7 +189,7 @@ def _number(value: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
-def _si(value: float) -> str:
+def format_si(value: float) -> str:
     """``4.1M``, ``2.05B``, ``512``: three significant digits with a multiplier."""
     for mult, factor in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= factor:

@@ -17,6 +17,7 @@ from ckpt_ema.errors import TargetError
 if TYPE_CHECKING:
     from ckpt_ema.plan.model import OutputPlan, Plan
     from ckpt_ema.plan.targets import Target
+    from ckpt_ema.series.lengths import Length
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,36 @@ class TargetKind:
 
     method: str = ""
     options: tuple[TargetOption, ...] = ()
+    # plan warns when the first checkpoint keeps a large share (an EMA too long for the series); averages of
+    # the end of training (windows) say what reaches before the first checkpoint themselves
+    warns_first_share: bool = True
 
     def parse(self, key: str, text: str) -> float:
-        """The option's value, validated; raises ``TargetError`` naming the option."""
+        """The option's value, validated; raises ``TargetError`` naming the option.
+
+        For a length given in tokens or samples (see ``length``) the value is provisional until ``to_steps``.
+        """
         raise NotImplementedError
+
+    def length(self, key: str, text: str) -> Length | None:
+        """The length the option gives (``--half-life``, ``--window``: in steps, tokens or samples), if any."""
+        return None
+
+    def to_steps(self, key: str, steps: float) -> float:
+        """The target's value for a length converted to ``steps`` (e.g. rounded to whole steps)."""
+        return steps
+
+    def name(self, target: Target) -> str:
+        """Output name, e.g. ``decay-0.999``, ``half_life-500``, ``window-2Btokens``."""
+        from ckpt_ema.plan.targets import format_number
+
+        if target.length is not None and not target.length.in_steps:
+            return f"{target.kind}-{target.length.label}"
+        return f"{target.kind}-{format_number(target.value)}"
+
+    def labels(self, target: Target) -> dict[str, str]:
+        """Textual parameters of the output (``OutputPlan.labels``), e.g. an lr-decay's shape."""
+        return {}
 
     def coefficients(self, target: Target, steps: Sequence[int], interp: str, per_checkpoint: bool) -> np.ndarray:
         """Coefficient of each checkpoint (steps sorted, the last one is T), float64, summing to 1."""

@@ -12,6 +12,7 @@ from ckpt_ema.errors import TargetError
 from ckpt_ema.math import ema
 from ckpt_ema.math.reconstruct import truncated_exp_sigma_rel
 from ckpt_ema.plan.kinds.base import TargetKind, TargetOption
+from ckpt_ema.series.lengths import Length, parse_length
 
 if TYPE_CHECKING:
     from ckpt_ema.plan.model import OutputPlan, Plan
@@ -22,19 +23,29 @@ class Classic(TargetKind):
     method = "classic"
     options = (
         TargetOption("decay", "BETA", "Classic EMA decay per optimizer step, e.g. 0.999."),
-        TargetOption("half_life", "STEPS", "Classic EMA by its half-life in steps."),
+        TargetOption("half_life", "STEPS", "Classic EMA by its half-life in steps (or tokens, samples: 50Mtokens)."),
     )
 
     def parse(self, key: str, text: str) -> float:
         option = "--" + key.replace("_", "-")
+        if key == "half_life":
+            length = parse_length(option, text)
+            return length.amount if not length.in_steps else self.to_steps(key, length.amount, text)
         value = _finite(option, text)
         if key == "decay" and not 0.0 < value < 1.0:
             raise TargetError(f"{option} {text}: the decay per step must be in (0, 1), e.g. 0.999")
-        if key == "half_life" and not value > 0.0:
-            raise TargetError(f"{option} {text}: the half-life in steps must be > 0")
-        if key == "half_life" and ema.half_life_to_decay(value) >= 1.0:
-            raise TargetError(f"{option} {text}: half-life too long to represent as a per-step decay")
         return value
+
+    def length(self, key: str, text: str) -> Length | None:
+        return parse_length("--half-life", text) if key == "half_life" else None
+
+    def to_steps(self, key: str, steps: float, text: str = "") -> float:
+        """A half-life in steps, checked: it must give a per-step decay below 1."""
+        if not steps > 0.0:
+            raise TargetError(f"--half-life {text or steps}: the half-life in steps must be > 0")
+        if ema.half_life_to_decay(steps) >= 1.0:
+            raise TargetError(f"--half-life {text or steps}: half-life too long to represent as a per-step decay")
+        return steps
 
     @staticmethod
     def decay(target: Target) -> float:
