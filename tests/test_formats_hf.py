@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-import gc
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from ckpt_ema import io as readers
 from ckpt_ema import merge, merge_to_state_dict
+from ckpt_ema.engine import readahead
 from ckpt_ema.io.safetensors_format import SafetensorsReader
 
 from .reference import assert_close, ema_reference, run
@@ -78,21 +80,26 @@ def test_sharded_trainer_folders_merge_to_a_loadable_folder(trainer_run, tmp_pat
         assert_close(tensor, expected[source])
 
 
-def test_shards_are_read_one_at_a_time(trainer_run, monkeypatch):
+def test_shards_are_read_one_at_a_time_and_never_mapped(trainer_run, monkeypatch):
     root, _ = trainer_run
-    opened: list[Path] = []
-    original = SafetensorsReader._mapping
+    opened: list[str] = []
+    original = os.open
 
-    def counting(self):
-        if self._map is None:
-            opened.append(self.header.path)
-        return original(self)
+    def counting(path, *args, **kwargs):
+        if str(path).endswith(".safetensors") and "model-" in str(path):
+            opened.append(str(path))
+        return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(SafetensorsReader, "_mapping", counting)
+    def no_mapping(self):
+        raise AssertionError("the pass maps no safetensors file (it reads with pread)")
+
+    monkeypatch.setattr(readahead.os, "open", counting)
+    monkeypatch.setattr(SafetensorsReader, "_mapping", no_mapping)
     merge_to_state_dict([root], decay=[BETA])
     shards = sorted((root / "checkpoint-300").glob("model-*.safetensors"))
-    # each shard of each checkpoint is mapped once: the pass sweeps the files in order
-    assert len(opened) == len(set(opened)) == len(shards) * len(STEPS)
+    # each shard of each checkpoint is opened for its data (once more at most, for a non-float tensor
+    # copied after the read-ahead closed it): the pass sweeps the files in order
+    assert len(set(opened)) == len(shards) * len(STEPS) and len(opened) <= 2 * len(set(opened))
 
 
 def test_single_file_format_and_steps_from_trainer_state(trainer_run, tmp_path):
@@ -204,34 +211,39 @@ def test_base_model_folder_as_init(trainer_run, tmp_path):
     assert_close(loaded.state_dict()["transformer.wpe.weight"], expected["transformer.wpe.weight"])
 
 
-def test_shard_mappings_are_released_during_the_pass(trainer_run):
-    """A shard's mapping is released soon after the pass moves on (Linux: /proc/self/maps): at most the
-    current and the previous shard of each checkpoint are mapped, however many shards there are."""
+def test_shard_files_are_closed_during_the_pass(trainer_run):
+    """A shard is closed once the pass has read its last chunk (Linux: /proc/self/fd): at most the current
+    and the next shard of each checkpoint are open, however many shards there are."""
     root, _ = trainer_run
-    maps = Path("/proc/self/maps")
-    if not maps.exists():
-        pytest.skip("needs /proc/self/maps")
+    fds = Path("/proc/self/fd")
+    if not fds.exists():
+        pytest.skip("needs /proc/self/fd")
     from ckpt_ema.engine.merge_pass import MemorySink, MergePass
     from ckpt_ema.jobs.merge import plan_merge
 
-    def mapped() -> set[str]:
-        return {line.split()[-1] for line in maps.read_text().splitlines() if str(root) in line}
+    def open_files() -> set[str]:
+        names = set()
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if str(root) in target:
+                    names.add(target)
+        return names
 
-    gc.collect()
-    before = mapped()  # what earlier tests' objects may still hold is not this pass's
     plan = plan_merge([root], decay=[BETA])
     most = 0
 
     class Watching(MemorySink):
         def write(self, name, data):
             nonlocal most
-            most = max(most, len(mapped() - before))
+            most = max(most, len(open_files()))
             super().write(name, data)
 
     for _ in MergePass(plan, [Watching(plan.tensors)], chunk_elements=256):
         pass
     shards = len(list((root / "checkpoint-300").glob("model-*.safetensors")))
     assert shards > 2 and 0 < most <= 2 * len(STEPS)
+    assert open_files() == set()
 
 
 def test_peft_adapter_checkpoints(tmp_path):

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from ckpt_ema.cli import main
 from ckpt_ema.errors import InputError
 from ckpt_ema.io.safetensors_format import DTYPES, MAX_HEADER_BYTES, MAX_TENSORS, SafetensorsHeader, read_header
+from ckpt_ema.io.torch_edge import TORCH_DTYPES
 
 FUZZ = settings(max_examples=600, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 
@@ -159,7 +160,7 @@ def test_agrees_with_the_safetensors_package_on_a_real_file(tmp_path):
         for key in f.keys():
             info = parsed.tensors[key]
             assert info.shape == tuple(f.get_slice(key).get_shape())
-            assert DTYPES[info.dtype][0] == tensors[key].dtype
+            assert TORCH_DTYPES[info.dtype] == tensors[key].dtype
 
 
 def _check_valid(parsed: SafetensorsHeader) -> None:

@@ -5,6 +5,8 @@ See ``fused.py`` for what it computes and in which order.
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -273,11 +275,11 @@ def weighted_sums_kernel(addresses, like, coefs, n, out):
     return bad
 
 
-def _match_torch_threads() -> None:
-    # Under torchrun, torch is given OMP_NUM_THREADS=1 per rank: use as many threads as torch does.
-    import torch
+def _match_threads() -> None:
+    # Under torchrun every rank gets OMP_NUM_THREADS (1 by default): use as many threads as torch would.
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    if wanted.isdigit() and int(wanted) > 0:
+        numba.set_num_threads(min(int(wanted), numba.config.NUMBA_NUM_THREADS))
 
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
-
-_match_torch_threads()
+_match_threads()

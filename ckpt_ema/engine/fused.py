@@ -13,7 +13,9 @@ Inputs are BF16 or FP32 (all inputs of a call the same), outputs BF16 or FP32; B
 shift), FP32 -> BF16 rounds to nearest even like torch. Other cases go to the pure-torch path of the
 engine, which computes the same sums.
 
-Install with ``pip install ckpt-ema[fast]``; without numba, :data:`AVAILABLE` is False.
+numba is a dependency of ckpt-ema (binary wheels for the usual platforms, no compiler needed); where it
+cannot be installed, :data:`AVAILABLE` is False and the torch kernel runs. numba and the compiled kernel
+(cached in ``__pycache__`` after the first run) are loaded on the first call, once per process.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import importlib.util
 
 import numpy as np
 
-AVAILABLE = importlib.util.find_spec("numba") is not None  # numba is optional: else the torch kernel runs
+AVAILABLE = importlib.util.find_spec("numba") is not None  # else the torch kernel runs
 INPUT_KINDS = {"BF16": np.uint16, "F32": np.float32}
 OUTPUT_KINDS = {"BF16": np.uint16, "F32": np.float32}
 

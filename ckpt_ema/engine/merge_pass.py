@@ -15,16 +15,19 @@ tensors are copied from the newest checkpoint.
 
 How: consecutive tensors that lie back to back in every checkpoint (same dtype) are merged into one *span*
 and processed as one flat run of elements, so small tensors (biases, norms) cost no per-tensor
-Python overhead; the span is cut into chunks of ``chunk_elements`` and each output chunk is handed to the
-outputs' sinks tensor by tensor. Two kernels compute a chunk:
+Python overhead. Tensors whose bytes a reader can locate in a file (safetensors) are read with ``pread``
+by :class:`~ckpt_ema.engine.readahead.ReadAhead`, a few chunks ahead of the kernel in background threads
+(the disk and the kernel work at the same time; a truncated file is an error, not a SIGBUS); the others
+(torch pickles) come as numpy arrays from the reader's ``flat``. Every array is in its dtype's storage type
+(BF16 as uint16): no torch on this path. Two kernels compute a chunk:
 
-- ``fused`` (numba, ``pip install ckpt-ema[fast]``; see ``fused.py``): one pass over the inputs per chunk
-  that upcasts, applies every coefficient while the data is in cache and rounds, on all cores;
-- ``torch``: the pure-torch fallback, used for other dtypes (FP16, FP64, FP8, mixed) or without numba:
-  per checkpoint one upcast copy and one ``add_(x, alpha=c)`` per output (intra-op threads).
+- ``fused`` (numba; see ``fused.py``): one pass over the inputs per chunk that upcasts, applies every
+  coefficient while the data is in cache and rounds, on all cores;
+- ``torch``: the fallback, for other dtypes (FP16, FP64, FP8, mixed) or without numba: per checkpoint one
+  upcast copy and one ``add_(x, alpha=c)`` per output (intra-op threads). It imports torch when it runs.
 
-``CKPT_EMA_KERNEL=torch`` (or ``kernel="torch"``) forces the fallback. Memory is bounded by
-``outputs x chunk`` elements whatever the number or size of the checkpoints.
+``CKPT_EMA_KERNEL=torch`` (or ``kernel="torch"``) forces the fallback. Memory is bounded whatever the
+number or size of the checkpoints: the read-ahead buffers (``READ_BUDGET``) and ``outputs x chunk`` elements.
 
 No printing here: the pass is an iterable yielding progress; warnings go to a callback.
 """
@@ -36,18 +39,25 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from ckpt_ema.engine import fused
-from ckpt_ema.io.safetensors_format import DTYPES, TORCH_TO_NAME
+from ckpt_ema.engine.readahead import OnRead, ReadAhead, SpanSchedule, read_exactly
+from ckpt_ema.io.identity import FileIdentity
+from ckpt_ema.io.safetensors_format import DTYPES, all_finite
 from ckpt_ema.plan.model import Plan, TensorPlan
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 18  # torch kernel: 1 MB FP32 chunks stay in L2 (measured best of 2^14..2^20)
-FUSED_CHUNK_ELEMENTS = 1 << 20  # fused kernel: cut into blocks (_fused_numba.BLOCK) spread over the cores
+FUSED_CHUNK_ELEMENTS = 1 << 20  # fused kernel: blocks of fused.BLOCK inside, spread over the cores
+MIN_CHUNK_ELEMENTS = 1 << 12  # a floor when there are very many checkpoints or outputs
+READ_BUDGET = 64 << 20  # bytes of read-ahead buffers: depth x checkpoints x chunk
+OUTPUT_BUDGET = 48 << 20  # bytes of output chunks: outputs x chunk
+READ_DEPTH = 3  # buffer sets: one being computed, two being read
+COPY_PIECE = 8 << 20  # bytes per read when a non-float tensor is copied
 KERNELS = ("auto", "fused", "torch")
+SPAN_LIMIT = 1 << 24  # elements: tensors are grouped up to this size (progress stays smooth)
 
 
 def choose_kernel(kernel: str | None = None) -> str:
@@ -56,83 +66,110 @@ def choose_kernel(kernel: str | None = None) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
     if kernel == "fused" and not fused.AVAILABLE:
-        raise ValueError("the fused kernel needs numba: pip install 'ckpt-ema[fast]'")
+        raise ValueError("the fused kernel needs numba: pip install numba")
     if kernel == "auto":
         return "fused" if fused.AVAILABLE else "torch"
     return kernel
 
 
 class ReadObserver(Protocol):
-    """Told before the pass reads a tensor of a checkpoint (the input hasher follows the reads this way)."""
+    """Sees each piece of a file the pass reads, right after it was read, in the thread that read it; for
+    each file in increasing offset order (the input hasher hashes the very bytes that are merged)."""
 
-    def before_read(self, checkpoint: int, name: str) -> None: ...
+    def after_read(self, file: tuple[int, int], offset: int, data: memoryview) -> None:
+        """``data`` holds bytes ``[offset, offset + len(data))`` of file ``(checkpoint, file number)``."""
+        ...
 
 
 class RowsSink(Protocol):
     """Receives all outputs of a piece of a floating-point tensor at once, in plan order: ``rows[k]`` holds
-    output ``k``'s elements (for statistics that combine outputs, as ``doctor`` does)."""
+    output ``k``'s elements in the output dtype's storage type (for statistics that combine outputs, as
+    ``doctor`` does), valid only during the call."""
 
-    def write_rows(self, name: str, rows: torch.Tensor) -> None: ...
+    def write_rows(self, name: str, rows: np.ndarray) -> None: ...
 
 
 class TensorSink(Protocol):
-    """Receives an output's tensors in plan order, each as consecutive 1-D chunks in the output dtype."""
+    """Receives an output's tensors in plan order, each as consecutive 1-D chunks in the output dtype's
+    storage type (a numpy array; BF16 as uint16), valid only during the call."""
 
-    def write(self, name: str, data: torch.Tensor) -> None: ...
+    def write(self, name: str, data: np.ndarray) -> None: ...
 
 
 class MemorySink:
-    """Collects an output in memory as a state dict (for the Python API and small models)."""
+    """Collects an output in memory (for the Python API and small models); ``state_dict`` has torch tensors."""
 
     def __init__(self, tensors: Sequence[TensorPlan]) -> None:
-        self.state_dict: dict[str, torch.Tensor] = {}
+        self.arrays: dict[str, np.ndarray] = {}
         self._plans = {t.name: t for t in tensors}
         self._filled: dict[str, int] = {}
+        self._state_dict: dict[str, Any] | None = None
 
-    def write(self, name: str, data: torch.Tensor) -> None:
+    def write(self, name: str, data: np.ndarray) -> None:
         plan = self._plans[name]
-        if name not in self.state_dict:
-            self.state_dict[name] = torch.empty(plan.shape, dtype=DTYPES[plan.out_dtype][0])
+        if name not in self.arrays:
+            self.arrays[name] = np.empty(math.prod(plan.shape), dtype=DTYPES[plan.out_dtype][0])
             self._filled[name] = 0
         start = self._filled[name]
-        self.state_dict[name].view(-1)[start : start + data.numel()].copy_(data)
-        self._filled[name] = start + data.numel()
+        self.arrays[name][start : start + data.size] = data
+        self._filled[name] = start + data.size
+        self._state_dict = None
+
+    @property
+    def state_dict(self) -> dict[str, Any]:
+        """``{name: torch.Tensor}`` in the output dtypes and shapes (imports torch)."""
+        if self._state_dict is None:
+            from ckpt_ema.io.torch_edge import to_torch
+
+            self._state_dict = {
+                name: to_torch(array, self._plans[name].out_dtype).reshape(self._plans[name].shape)
+                for name, array in self.arrays.items()
+            }
+        return self._state_dict
+
+
+@dataclass
+class _Located:
+    """Tensors back to back in every used checkpoint's file: read by the read-ahead, chunk by chunk."""
+
+    tensors: list[TensorPlan]
+    in_dtypes: list[str]  # per used checkpoint
+    files: list[int]  # per used checkpoint: index into the pass's file table
+    starts: list[int]  # per used checkpoint: first byte in its file
+    ends: list[int]
+    numel: int = 0
 
 
 @dataclass
 class _Span:
-    """Tensors back to back in every used checkpoint: one flat run of ``numel`` elements per checkpoint."""
+    """Tensors back to back in memory in every used checkpoint (readers without byte ranges)."""
 
     tensors: list[TensorPlan] = field(default_factory=list)
-    views: list[list[torch.Tensor]] = field(default_factory=list)  # per tensor, per used checkpoint
+    views: list[list[np.ndarray]] = field(default_factory=list)  # per tensor, per used checkpoint
     numel: int = 0
 
-    def extends(self, tensor: TensorPlan, views: list[torch.Tensor]) -> bool:
+    def extends(self, tensor: TensorPlan, views: list[np.ndarray]) -> bool:
         if not self.tensors:
             return False
         last, previous = self.tensors[-1], self.views[-1]
         return tensor.out_dtype == last.out_dtype and all(
-            v.dtype == p.dtype and v.data_ptr() == p.data_ptr() + p.numel() * p.element_size()
-            for v, p in zip(views, previous)
+            v.dtype == p.dtype and v.ctypes.data == p.ctypes.data + p.nbytes for v, p in zip(views, previous)
         )
 
-    def add(self, tensor: TensorPlan, views: list[torch.Tensor]) -> None:
+    def add(self, tensor: TensorPlan, views: list[np.ndarray]) -> None:
         self.tensors.append(tensor)
         self.views.append(views)
         self.numel += math.prod(tensor.shape)
 
-    def inputs(self) -> list[torch.Tensor]:
-        """Each used checkpoint's whole span as one 1-D tensor (a view of its mapping, no copy)."""
+    def inputs(self) -> list[np.ndarray]:
+        """Each used checkpoint's whole span as one 1-D array (a view of the reader's memory, no copy)."""
         if len(self.tensors) == 1:
             return self.views[0]
         result = []
         for first in self.views[0]:
-            raw = (ctypes.c_uint8 * (self.numel * first.element_size())).from_address(first.data_ptr())
-            result.append(torch.frombuffer(raw, dtype=first.dtype))
+            raw = (ctypes.c_uint8 * (self.numel * first.itemsize)).from_address(first.ctypes.data)
+            result.append(np.ctypeslib.as_array(raw).view(first.dtype))
         return result
-
-
-SPAN_LIMIT = 1 << 24  # elements: tensors are grouped up to this size (progress stays smooth)
 
 
 class MergePass:
@@ -143,11 +180,12 @@ class MergePass:
     Args:
         plan: what to compute.
         sinks: one per output, receiving its tensors in order.
-        chunk_elements: elements per chunk (default: 2^18 for the torch kernel, 2^20 for the fused one).
+        chunk_elements: elements per chunk (default: 2^18 for the torch kernel, 2^20 for the fused one,
+            fewer when many checkpoints or outputs would make the buffers exceed their budgets).
         on_warning: called with a message for each input tensor holding NaN or Inf.
         kernel: ``"auto"``, ``"fused"`` or ``"torch"`` (default: ``CKPT_EMA_KERNEL`` or ``"auto"``).
         tensors: the tensors to compute (default: all of ``plan.tensors``; a distributed rank's share).
-        observer: told before each read of a checkpoint's tensor (``ReadObserver``).
+        observer: shown each piece of a file read (``ReadObserver``; the inputs' hash rides on it).
         rows_sink: also receives every floating-point piece of all outputs at once (``RowsSink``); with it,
             ``sinks`` may be empty.
     """
@@ -170,40 +208,150 @@ class MergePass:
         self.plan = plan
         self.sinks = list(sinks)
         self.output_count = len(plan.outputs)
+        self.rows_sink = rows_sink
         self.kernel = choose_kernel(kernel)
         self.chunk_elements = chunk_elements
         self.on_warning = on_warning or (lambda message: None)
         self.tensors = tuple(plan.tensors if tensors is None else tensors)
-        self.observer = observer
-        self.rows_sink = rows_sink
         self._warned: set[tuple[str, int]] = set()
         self.coefficients = plan.coefficient_matrix()  # (outputs, checkpoints) float64
         self.used_inputs = used_inputs(plan)
         self._coefs32 = np.ascontiguousarray(self.coefficients[:, self.used_inputs], dtype=np.float32)
         self.total_bytes = bytes_read(plan, self.tensors)
+        self._file_keys: list[tuple[int, int]] = []
+        self._file_index: dict[tuple[int, int], int] = {}
+        self._paths: list[Any] = []
+        self._identities: list[FileIdentity | None] = []
+        self._segments = self._layout()
+        self.observer = observer
+        self._torch_kernel: _TorchKernel | None = None
 
     def __len__(self) -> int:
         return len(self.tensors)
 
-    def __iter__(self) -> Iterator[int]:
-        span = _Span()
+    # -- the layout: which tensors are read by the read-ahead, as which spans --------------------------------
+
+    def _file(self, j: int, number: int) -> int:
+        key = (j, number)
+        index = self._file_index.get(key)
+        if index is None:
+            weight_file = self.plan.checkpoints[j].source.files[number]
+            index = self._file_index[key] = len(self._file_keys)
+            self._file_keys.append(key)
+            self._paths.append(weight_file.path)
+            self._identities.append(weight_file.identity)
+        return index
+
+    def _locate(self, j: int, name: str) -> tuple[int, int, int, str] | None:
+        """(file index, begin, end, dtype) of tensor ``name`` of checkpoint ``j``, if it lies in a file."""
+        where = self.plan.checkpoints[j].source.locate(name)
+        if where is None:
+            return None
+        number, begin, end, dtype = where
+        return self._file(j, number), begin, end, dtype
+
+    def _layout(self) -> list[tuple[str, TensorPlan | _Located]]:
+        """The pass in order: ("empty"|"copy"|"flat", TensorPlan) and ("located", _Located) items."""
+        segments: list[tuple[str, TensorPlan | _Located]] = []
+        span: _Located | None = None
         for tensor in self.tensors:
-            if math.prod(tensor.shape) == 0:
-                yield from self._flush(span)
-                span = _Span()
-                yield self._bytes_read(tensor)
-            elif not tensor.is_float:
-                yield from self._flush(span)
-                span = _Span()
-                self._copy_newest(tensor)
-                yield self._bytes_read(tensor)
-            else:
-                views = [self._read(j, tensor.name) for j in self.used_inputs]
-                if not span.extends(tensor, views) or span.numel + math.prod(tensor.shape) > SPAN_LIMIT:
+            numel = math.prod(tensor.shape)
+            found = [self._locate(j, tensor.name) for j in self.used_inputs] if tensor.is_float and numel else []
+            where = [w for w in found if w is not None]
+            if where and len(where) == len(found):
+                files = [w[0] for w in where]
+                begins = [w[1] for w in where]
+                ends = [w[2] for w in where]
+                dtypes = [w[3] for w in where]
+                if (
+                    span is not None
+                    and span.files == files
+                    and span.ends == begins
+                    and span.in_dtypes == dtypes
+                    and span.tensors[-1].out_dtype == tensor.out_dtype
+                    and span.numel + numel <= SPAN_LIMIT
+                ):
+                    span.tensors.append(tensor)
+                    span.ends = ends
+                    span.numel += numel
+                    continue
+                span = _Located([tensor], dtypes, files, begins, ends, numel)
+                segments.append(("located", span))
+                continue
+            span = None
+            kind = "empty" if numel == 0 else "flat" if tensor.is_float else "copy"
+            segments.append((kind, tensor))
+        return segments
+
+    def _located(self) -> list[_Located]:
+        return [item for _, item in self._segments if isinstance(item, _Located)]
+
+    def _chunk(self, fused_kernel: bool) -> int:
+        """Elements per chunk within the buffers' budgets."""
+        chunk = self.chunk_elements or (FUSED_CHUNK_ELEMENTS if fused_kernel else DEFAULT_CHUNK_ELEMENTS)
+        if self.chunk_elements:
+            return chunk
+        itemsize = max((DTYPES[d][1] for s in self._located() for d in s.in_dtypes), default=4)
+        out_size = max((DTYPES[t.out_dtype][1] for t in self.tensors if t.is_float), default=4)
+        readers = max(1, len(self.used_inputs))
+        chunk = min(chunk, READ_BUDGET // (READ_DEPTH * readers * itemsize))
+        chunk = min(chunk, OUTPUT_BUDGET // (max(1, self.output_count) * max(out_size, 4)))
+        return max(MIN_CHUNK_ELEMENTS, chunk)
+
+    # -- the pass ---------------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[int]:
+        located = self._located()
+        chunk = self._chunk(self.kernel == "fused")
+        schedules = [
+            SpanSchedule(tuple(s.files), tuple(s.starts), s.numel, max(DTYPES[d][1] for d in s.in_dtypes), chunk)
+            for s in located
+        ]
+        reader: ReadAhead | None = None
+        if located:
+            tap: OnRead | None = None
+            if self.observer is not None:
+                keys, callback = self._file_keys, self.observer.after_read
+                tap = lambda file, offset, view: callback(keys[file], offset, view)  # noqa: E731
+            stride = chunk * max(DTYPES[d][1] for s in located for d in s.in_dtypes)
+            reader = ReadAhead(
+                self._paths, self._identities, schedules, len(self.used_inputs), stride, depth=READ_DEPTH, on_read=tap
+            )
+        chunks = iter(reader) if reader is not None else iter(())
+        span = _Span()
+        try:
+            index = 0
+            for kind, item in self._segments:
+                if isinstance(item, _Located):
+                    assert reader is not None
                     yield from self._flush(span)
                     span = _Span()
-                span.add(tensor, views)
-        yield from self._flush(span)
+                    self._merge_located(item, schedules[index], reader, chunks)
+                    index += 1
+                    for tensor in item.tensors:
+                        yield self._bytes_read(tensor)
+                    continue
+                tensor = item
+                if kind == "flat":
+                    views = [self.plan.checkpoints[j].source.flat(tensor.name) for j in self.used_inputs]
+                    if not span.extends(tensor, views) or span.numel + math.prod(tensor.shape) > SPAN_LIMIT:
+                        yield from self._flush(span)
+                        span = _Span()
+                    span.add(tensor, views)
+                    continue
+                yield from self._flush(span)
+                span = _Span()
+                if kind == "copy":
+                    self._copy_newest(tensor)
+                yield self._bytes_read(tensor)
+            yield from self._flush(span)
+        finally:
+            if reader is not None:
+                reader.close()
+
+    def input_files(self) -> list[tuple[Any, FileIdentity | None]]:
+        """(path, identity when planned) of every file the pass reads with the read-ahead."""
+        return list(zip(self._paths, self._identities))
 
     def _flush(self, span: _Span) -> Iterator[int]:
         if span.tensors:
@@ -214,82 +362,114 @@ class MergePass:
     def _bytes_read(self, tensor: TensorPlan) -> int:
         return _tensor_bytes_read(self.plan, tensor, self.used_inputs)
 
-    def _read(self, checkpoint: int, name: str) -> torch.Tensor:
-        if self.observer is not None:
-            self.observer.before_read(checkpoint, name)
-        return self.plan.checkpoints[checkpoint].source.flat(name)
-
     def _copy_newest(self, tensor: TensorPlan) -> None:
-        data = self._read(len(self.plan.checkpoints) - 1, tensor.name)
-        for sink in self.sinks:
-            sink.write(tensor.name, data)
+        newest = len(self.plan.checkpoints) - 1
+        where = self.plan.newest.source.locate(tensor.name)
+        if where is None:
+            data = self.plan.newest.source.flat(tensor.name)
+            for sink in self.sinks:
+                sink.write(tensor.name, data)
+            return
+        number, begin, end, dtype = where
+        file = self._file(newest, number)
+        storage, itemsize, _ = DTYPES[dtype]
+        piece = max(itemsize, COPY_PIECE // itemsize * itemsize)
+        for start in range(begin, end, piece):
+            raw = read_exactly(self._paths[file], self._identities[file], start, min(piece, end - start))
+            for sink in self.sinks:
+                sink.write(tensor.name, raw.view(storage))
+
+    def _merge_located(
+        self, span: _Located, schedule: SpanSchedule, reader: ReadAhead, chunks: Iterator[tuple[int, int, int]]
+    ) -> None:
+        in_names = set(span.in_dtypes)
+        in_name = in_names.pop() if len(in_names) == 1 else None
+        out_name = span.tensors[0].out_dtype
+        use_fused = self.kernel == "fused" and in_name in fused.INPUT_KINDS and out_name in fused.OUTPUT_KINDS
+        pieces = _Pieces(span.tensors, self.sinks, self.rows_sink)
+        out = np.empty((self.output_count, schedule.chunk), dtype=DTYPES[out_name][0]) if use_fused else None
+        for c in range(schedule.chunks):
+            _, _, slot = next(chunks)
+            rows = reader.rows(slot)
+            start = c * schedule.chunk
+            size = min(span.numel, start + schedule.chunk) - start
+            inputs = [rows[j, : size * DTYPES[d][1]].view(DTYPES[d][0]) for j, d in enumerate(span.in_dtypes)]
+            if out is not None and in_name is not None:
+                addresses = np.array([x.ctypes.data for x in inputs], dtype=np.int64)
+                bad = fused.weighted_sums(addresses, in_name, self._coefs32, size, out)
+                if bad:
+                    self._find_non_finite(span.tensors, [[x] for x in inputs], start, start + size, chunk_start=start)
+                pieces.write(out, start, size)
+            else:
+                result, finite = self._torch(out_name, schedule.chunk).run(inputs, span.in_dtypes)
+                if not finite:
+                    self._find_non_finite(span.tensors, [[x] for x in inputs], start, start + size, chunk_start=start)
+                pieces.write(result, start, size)
 
     def _merge_span(self, span: _Span) -> None:
         inputs = span.inputs()
         out_name = span.tensors[0].out_dtype
-        in_names = {TORCH_TO_NAME.get(x.dtype) for x in inputs}
+        j0 = self.used_inputs
+        in_dtypes = [self.plan.checkpoints[j].source.tensors[span.tensors[0].name].dtype for j in j0]
+        in_names = set(in_dtypes)
         in_name = in_names.pop() if len(in_names) == 1 else None
         use_fused = self.kernel == "fused" and in_name in fused.INPUT_KINDS and out_name in fused.OUTPUT_KINDS
         chunk = min(self.chunk_elements or (FUSED_CHUNK_ELEMENTS if use_fused else DEFAULT_CHUNK_ELEMENTS), span.numel)
-        pieces = _Pieces(span, self.sinks, self.rows_sink)
+        chunk = min(chunk, max(MIN_CHUNK_ELEMENTS, OUTPUT_BUDGET // (max(1, self.output_count) * 4)))
+        pieces = _Pieces(span.tensors, self.sinks, self.rows_sink)
+        views = [list(v) for v in span.views]
         if use_fused and in_name is not None:
-            out = np.empty((self.output_count, chunk), dtype=fused.OUTPUT_KINDS[out_name])
-            out_torch = torch.from_numpy(out)
-            if out_name == "BF16":
-                out_torch = out_torch.view(torch.bfloat16)
-            bases = np.array([x.data_ptr() for x in inputs], dtype=np.int64)
-            step = inputs[0].element_size()
+            out = np.empty((self.output_count, chunk), dtype=DTYPES[out_name][0])
+            bases = np.array([x.ctypes.data for x in inputs], dtype=np.int64)
+            step = inputs[0].itemsize
             for start in range(0, span.numel, chunk):
                 size = min(span.numel, start + chunk) - start
                 bad = fused.weighted_sums(bases + step * start, in_name, self._coefs32, size, out)
                 if bad:
-                    self._find_non_finite(span, start, start + size)
-                pieces.write(out_torch, start, size)
+                    self._find_non_finite(span.tensors, views, start, start + size)
+                pieces.write(out, start, size)
             return
-        acc_dtype = torch.float64 if out_name == "F64" else torch.float32
-        out_dtype = DTYPES[out_name][0]
-        accumulators = torch.empty((self.output_count, chunk), dtype=acc_dtype)
-        upcast = torch.empty(chunk, dtype=acc_dtype)
-        rounded = torch.empty((self.output_count, chunk), dtype=out_dtype) if out_dtype != acc_dtype else None
-        rows = [
-            [(k, float(self.coefficients[k, j])) for k in range(self.output_count) if self.coefficients[k, j] != 0.0]
-            for j in self.used_inputs
-        ]
+        kernel = self._torch(out_name, chunk)
         for start in range(0, span.numel, chunk):
             stop = min(span.numel, start + chunk)
-            size = stop - start
-            started = [False] * self.output_count
-            for x, row in zip(inputs, rows):
-                source = x[start:stop]
-                if source.dtype != acc_dtype:
-                    source = upcast[:size].copy_(source)
-                for k, coef in row:
-                    if started[k]:
-                        accumulators[k, :size].add_(source, alpha=coef)
-                    else:
-                        torch.mul(source, coef, out=accumulators[k, :size])
-                        started[k] = True
-            # A non-finite input with a non-zero coefficient makes some accumulator non-finite; one
-            # reduction per chunk finds that cheaply, and only then are the inputs searched.
-            if not math.isfinite(float(accumulators[:, :size].sum())):
-                self._find_non_finite(span, start, stop)
-            if rounded is None:
-                pieces.write(accumulators, start, size)
-            else:
-                pieces.write(rounded[:, :size].copy_(accumulators[:, :size]), start, size)
+            result, finite = kernel.run([x[start:stop] for x in inputs], in_dtypes)
+            if not finite:
+                self._find_non_finite(span.tensors, views, start, stop)
+            pieces.write(result, start, stop - start)
 
-    def _find_non_finite(self, span: _Span, start: int, stop: int) -> None:
-        """Warn once per (tensor, checkpoint) holding NaN or Inf in elements ``start:stop`` of the span."""
+    def _torch(self, out_name: str, chunk: int) -> _TorchKernel:
+        kernel = self._torch_kernel
+        if kernel is None or kernel.out_name != out_name or kernel.chunk < chunk:
+            kernel = self._torch_kernel = _TorchKernel(self.coefficients[:, self.used_inputs], out_name, chunk)
+        return kernel
+
+    def _find_non_finite(
+        self, tensors: Sequence[TensorPlan], views: Sequence[Sequence[np.ndarray]], start: int, stop: int,
+        chunk_start: int | None = None,
+    ) -> None:  # fmt: skip
+        """Warn once per (tensor, checkpoint) holding NaN or Inf in elements ``start:stop`` of the span.
+
+        ``views``: per tensor per checkpoint its whole data; or, with ``chunk_start``, one entry holding
+        per checkpoint the chunk's data (elements ``chunk_start:...`` of the span).
+        """
         offset = 0
-        for tensor, views in zip(span.tensors, span.views):
+        for t, tensor in enumerate(tensors):
             numel = math.prod(tensor.shape)
-            lo, hi = max(start, offset) - offset, min(stop, offset + numel) - offset
+            lo, hi = max(start, offset), min(stop, offset + numel)
+            base = offset
             offset += numel
             if lo >= hi:
                 continue
-            for j, view in zip(self.used_inputs, views):
+            for n, j in enumerate(self.used_inputs):
                 key = (tensor.name, j)
-                if key not in self._warned and not bool(torch.isfinite(view[lo:hi]).all()):
+                if key in self._warned:
+                    continue
+                if chunk_start is None:
+                    data = views[t][n][lo - base : hi - base]
+                else:
+                    data = views[n][0][lo - chunk_start : hi - chunk_start]
+                dtype = self.plan.checkpoints[j].source.tensors[tensor.name].dtype
+                if not all_finite(data, dtype):
                     self._warned.add(key)
                     ckpt = self.plan.checkpoints[j]
                     self.on_warning(f"{ckpt.path}: tensor {tensor.name!r} (step {ckpt.step}) has NaN or Inf values")
@@ -312,21 +492,69 @@ def _tensor_bytes_read(plan: Plan, tensor: TensorPlan, used: Sequence[int]) -> i
     return sum(plan.checkpoints[j].source.tensors[tensor.name].nbytes for j in readers)
 
 
+class _TorchKernel:
+    """The fallback kernel on one chunk: torch element-wise ops over numpy buffers (imports torch)."""
+
+    def __init__(self, coefficients: np.ndarray, out_name: str, chunk: int) -> None:
+        import torch
+
+        from ckpt_ema.io.torch_edge import TORCH_DTYPES, to_numpy, to_torch
+
+        self.torch, self.to_torch, self.to_numpy = torch, to_torch, to_numpy
+        self.out_name, self.chunk = out_name, chunk
+        outputs = coefficients.shape[0]
+        self.acc_dtype = torch.float64 if out_name == "F64" else torch.float32
+        self.out_dtype = TORCH_DTYPES[out_name]
+        self.accumulators = torch.empty((outputs, chunk), dtype=self.acc_dtype)
+        self.upcast = torch.empty(chunk, dtype=self.acc_dtype)
+        self.rounded = torch.empty((outputs, chunk), dtype=self.out_dtype) if self.out_dtype != self.acc_dtype else None
+        self.rows = [
+            [(k, float(coefficients[k, j])) for k in range(outputs) if coefficients[k, j] != 0.0]
+            for j in range(coefficients.shape[1])
+        ]
+        self.storage = DTYPES[out_name][0]
+
+    def run(self, inputs: Sequence[np.ndarray], dtypes: Sequence[str]) -> tuple[np.ndarray, bool]:
+        """(outputs x size) results in the output storage type, and whether every sum is finite."""
+        torch = self.torch
+        size = inputs[0].size
+        outputs = self.accumulators.shape[0]
+        started = [False] * outputs
+        for x, dtype, row in zip(inputs, dtypes, self.rows):
+            source = self.to_torch(x, dtype)
+            if source.dtype != self.acc_dtype:
+                source = self.upcast[:size].copy_(source)
+            for k, coef in row:
+                if started[k]:
+                    self.accumulators[k, :size].add_(source, alpha=coef)
+                else:
+                    torch.mul(source, coef, out=self.accumulators[k, :size])
+                    started[k] = True
+        # A non-finite input with a non-zero coefficient makes some accumulator non-finite; one
+        # reduction per chunk finds that cheaply, and only then are the inputs searched.
+        finite = math.isfinite(float(self.accumulators[:, :size].sum()))
+        full = self.accumulators
+        if self.rounded is not None:
+            self.rounded[:, :size].copy_(self.accumulators[:, :size])
+            full = self.rounded
+        return self.to_numpy(full).reshape(outputs, self.chunk)[:, :size], finite
+
+
 class _Pieces:
     """Hands each chunk of a span's outputs to the sinks, cut at the tensors' boundaries."""
 
-    def __init__(self, span: _Span, sinks: Sequence[TensorSink], rows_sink: RowsSink | None) -> None:
+    def __init__(self, tensors: Sequence[TensorPlan], sinks: Sequence[TensorSink], rows_sink: RowsSink | None) -> None:
         self.sinks = sinks
         self.rows_sink = rows_sink
         self.bounds = []
         offset = 0
-        for tensor in span.tensors:
+        for tensor in tensors:
             numel = math.prod(tensor.shape)
             self.bounds.append((offset, offset + numel, tensor.name))
             offset += numel
         self.index = 0
 
-    def write(self, outputs: torch.Tensor, start: int, size: int) -> None:
+    def write(self, outputs: np.ndarray, start: int, size: int) -> None:
         """``outputs[k, :size]`` holds elements ``start:start+size`` of the span for output ``k``."""
         stop = start + size
         while self.index < len(self.bounds):

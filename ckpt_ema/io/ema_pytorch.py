@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-
 from ckpt_ema.errors import InputError
-from ckpt_ema.io.source import CheckpointSource, Part, TensorInfoLike, TensorMeta, WeightFile, dtype_name
-from ckpt_ema.io.torch_pickle import StateDictFile, load_pickle
+from ckpt_ema.io.identity import identity
+from ckpt_ema.io.source import CheckpointSource, Part, TensorInfoLike, TensorMeta, WeightFile
+from ckpt_ema.io.torch_pickle import StateDictFile, is_tensor, load_pickle
 
 EMA_PYTORCH_PREFIX = "ema_model."
 
@@ -22,10 +21,13 @@ def open_ema_pytorch(path: Path) -> CheckpointSource:
     weights are the entries under ``ema_model.``; ``initted`` and ``step`` (bool/int64, or FP16 in newer
     versions) are the EMA's own bookkeeping and are left out.
     """
+    from ckpt_ema.io.torch_edge import dtype_name
+
+    planned = identity(path)
     state = _state_dict(path)
     tensors: dict[str, TensorInfoLike] = {}
     for key, value in state.items():
-        if isinstance(key, str) and key.startswith(EMA_PYTORCH_PREFIX) and isinstance(value, torch.Tensor):
+        if isinstance(key, str) and key.startswith(EMA_PYTORCH_PREFIX) and is_tensor(value):
             dtype = dtype_name(value.dtype)
             if dtype is None:
                 raise InputError(f"{path}: tensor {key!r} has unsupported dtype {value.dtype}")
@@ -34,7 +36,7 @@ def open_ema_pytorch(path: Path) -> CheckpointSource:
         raise InputError(f"{path}: no {EMA_PYTORCH_PREFIX!r} tensors; not an ema-pytorch PostHocEMA snapshot")
     del state  # reopened lazily, when the engine reads the data
     weight_file = WeightFile(
-        path.name, path, tensors, {}, lambda: StateDictFile(_state_dict(path)), path.stat().st_size
+        path.name, path, tensors, {}, lambda: StateDictFile(_state_dict(path)), planned.size, planned
     )
     source = CheckpointSource(path, "ema-pytorch PostHocEMA snapshot (weights_only)", [Part("", [weight_file])])
     source.rename({key: key[len(EMA_PYTORCH_PREFIX) :] for key in tensors})

@@ -18,6 +18,7 @@ def safetensors_weight_file(path: Path, relpath: str) -> WeightFile:
         metadata=dict(header.metadata),
         open=lambda: SafetensorsReader(header),
         size=header.file_size,
+        identity=header.identity,
     )
 
 

@@ -20,33 +20,86 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ckpt_ema.errors import InputError
+from ckpt_ema.io.identity import FileIdentity
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_TENSORS = 500_000  # several times the largest real file; parsing stays within seconds and ~1 GB
 MAX_RANK = 64  # more dimensions than any real tensor has; bounds the work on a hostile shape
 
-# safetensors dtype name -> (torch dtype, bytes per element, is floating point)
-DTYPES: dict[str, tuple[torch.dtype, int, bool]] = {
-    "F64": (torch.float64, 8, True),
-    "F32": (torch.float32, 4, True),
-    "F16": (torch.float16, 2, True),
-    "BF16": (torch.bfloat16, 2, True),
-    "F8_E4M3": (torch.float8_e4m3fn, 1, True),
-    "F8_E5M2": (torch.float8_e5m2, 1, True),
-    "I64": (torch.int64, 8, False),
-    "I32": (torch.int32, 4, False),
-    "I16": (torch.int16, 2, False),
-    "I8": (torch.int8, 1, False),
-    "U8": (torch.uint8, 1, False),
-    "U16": (torch.uint16, 2, False),
-    "U32": (torch.uint32, 4, False),
-    "U64": (torch.uint64, 8, False),
-    "BOOL": (torch.bool, 1, False),
+# safetensors dtype name -> (numpy storage type, bytes per element, is floating point). BF16 is stored as
+# uint16 and FP8 as uint8 (numpy has no such types): the kernels and writers move the bits unchanged.
+DTYPES: dict[str, tuple[type[np.generic], int, bool]] = {
+    "F64": (np.float64, 8, True),
+    "F32": (np.float32, 4, True),
+    "F16": (np.float16, 2, True),
+    "BF16": (np.uint16, 2, True),
+    "F8_E4M3": (np.uint8, 1, True),
+    "F8_E5M2": (np.uint8, 1, True),
+    "I64": (np.int64, 8, False),
+    "I32": (np.int32, 4, False),
+    "I16": (np.int16, 2, False),
+    "I8": (np.int8, 1, False),
+    "U8": (np.uint8, 1, False),
+    "U16": (np.uint16, 2, False),
+    "U32": (np.uint32, 4, False),
+    "U64": (np.uint64, 8, False),
+    "BOOL": (np.bool_, 1, False),
 }
-TORCH_TO_NAME = {torch_dtype: name for name, (torch_dtype, _, _) in DTYPES.items()}
+
+
+def _fp8_table(exponent_bits: int, mantissa_bits: int, has_inf: bool) -> np.ndarray:
+    """float32 value of each of the 256 codes of an FP8 format (OCP E4M3FN without infinities, E5M2 with)."""
+    bias = (1 << (exponent_bits - 1)) - 1
+    values = np.empty(256, dtype=np.float32)
+    top = (1 << exponent_bits) - 1
+    for code in range(256):
+        sign = -1.0 if code & 0x80 else 1.0
+        exponent = (code >> mantissa_bits) & top
+        mantissa = code & ((1 << mantissa_bits) - 1)
+        if has_inf and exponent == top:
+            value = math.inf if mantissa == 0 else math.nan
+        elif not has_inf and exponent == top and mantissa == (1 << mantissa_bits) - 1:
+            value = math.nan
+        elif exponent == 0:
+            value = mantissa / (1 << mantissa_bits) * 2.0 ** (1 - bias)
+        else:
+            value = (1 + mantissa / (1 << mantissa_bits)) * 2.0 ** (exponent - bias)
+        values[code] = sign * value
+    return values
+
+
+_FP8 = {"F8_E4M3": _fp8_table(4, 3, has_inf=False), "F8_E5M2": _fp8_table(5, 2, has_inf=True)}
+
+
+def to_float(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Values of a float tensor stored as ``dtype`` (BF16 as uint16 ...) as float32 (float64 for F64), exactly."""
+    if dtype == "BF16":
+        return (array.astype(np.uint32) << 16).view(np.float32)
+    if dtype in _FP8:
+        return _FP8[dtype][array]
+    if dtype == "F64":
+        return array
+    return array.astype(np.float32, copy=False)
+
+
+def all_finite(array: np.ndarray, dtype: str) -> bool:
+    """No NaN or Inf among the values of a float tensor stored as ``dtype`` (checked on the bits)."""
+    if dtype == "BF16":
+        return not bool(((array & 0x7F80) == 0x7F80).any())
+    if dtype == "F8_E4M3":  # no infinities; NaN is S.1111.111
+        return not bool(((array & 0x7F) == 0x7F).any())
+    if dtype == "F8_E5M2":
+        return not bool(((array & 0x7C) == 0x7C).any())
+    return bool(np.isfinite(array).all())
+
+
+def sum_of_squares(data: memoryview, dtype: str) -> float:
+    """Sum of the squared values of raw bytes of a float tensor stored as ``dtype`` (float32 products)."""
+    values = to_float(np.frombuffer(data, dtype=DTYPES[dtype][0]), dtype)
+    return float(np.dot(values, values))
 
 
 @dataclass(frozen=True)
@@ -84,6 +137,7 @@ class SafetensorsHeader:
     metadata: dict[str, str]
     data_start: int
     file_size: int
+    identity: FileIdentity | None = None  # the file when the header was read (see io/identity.py)
 
 
 def read_header(path: str | os.PathLike) -> SafetensorsHeader:
@@ -101,6 +155,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             if not stat.S_ISREG(status.st_mode):
                 raise InputError(f"{path}: not a regular file")
             file_size = status.st_size
+            file_identity = FileIdentity.of(status)
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise InputError(f"{path}: not a safetensors file (only {file_size} bytes)")
@@ -142,7 +197,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
         raise InputError(f"{path}: __metadata__ must map strings to strings")
     tensors = {name: _parse_entry(path, name, entry, data_start, data_size) for name, entry in header.items()}
     _check_no_overlap(path, tensors)
-    return SafetensorsHeader(path, tensors, dict(metadata), data_start, file_size)
+    return SafetensorsHeader(path, tensors, dict(metadata), data_start, file_size, file_identity)
 
 
 class SafetensorsReader:
@@ -152,17 +207,18 @@ class SafetensorsReader:
         self.header = header
         self._map: mmap.mmap | None = None
 
-    def flat(self, name: str) -> torch.Tensor:
-        """The tensor ``name`` as a 1-D view in its stored dtype (no copy when the data is aligned)."""
+    def flat(self, name: str) -> np.ndarray:
+        """The tensor ``name`` as a 1-D array in its dtype's storage type (BF16 as uint16; see ``DTYPES``),
+        a view of the mapping (a copy when the data is not aligned)."""
         info = self.header.tensors[name]
-        torch_dtype = DTYPES[info.dtype][0]
+        storage = DTYPES[info.dtype][0]
         if info.numel == 0:
-            return torch.empty(0, dtype=torch_dtype)
+            return np.empty(0, dtype=storage)
         buffer = self._mapping()
         if info.begin % info.itemsize == 0:
-            return torch.frombuffer(buffer, dtype=torch_dtype, count=info.numel, offset=info.begin)
-        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
-        return raw.clone().view(torch_dtype)  # misaligned data (header not padded): copy once
+            return np.frombuffer(buffer, dtype=storage, count=info.numel, offset=info.begin)
+        raw = np.frombuffer(buffer, dtype=np.uint8, count=info.nbytes, offset=info.begin)
+        return raw.copy().view(storage)  # misaligned data (header not padded): copy once
 
     def _mapping(self) -> mmap.mmap:
         if self._map is None:
@@ -171,7 +227,7 @@ class SafetensorsReader:
                 with open(path, "rb") as f:
                     if os.fstat(f.fileno()).st_size != self.header.file_size:
                         raise InputError(f"{path}: the file changed size while being read")
-                    # ACCESS_COPY: a private mapping torch can view as writable; the file is never written.
+                    # ACCESS_COPY: a private mapping whose arrays are writable; the file is never written.
                     self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             except OSError as exc:
                 raise InputError(f"{path}: cannot map ({exc.strerror or exc})") from None

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import torch
+import numpy as np
 
-from ckpt_ema.io.safetensors_format import DTYPES, TORCH_TO_NAME
+from ckpt_ema.io.identity import FileIdentity
+from ckpt_ema.io.safetensors_format import DTYPES, TensorInfo
 
 # Parameter names of LoRA factors (kohya, PEFT, OneTrainer/OMI) and of their scale.
 LORA_FACTOR_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up")
@@ -51,10 +52,6 @@ class TensorMeta:
         return math.prod(self.shape) * DTYPES[self.dtype][1]
 
 
-def dtype_name(dtype: torch.dtype) -> str | None:
-    return TORCH_TO_NAME.get(dtype)
-
-
 class TensorInfoLike(Protocol):
     """What every reader knows of a tensor from headers alone: a ``TensorInfo`` (safetensors, with its
     byte range) or a ``TensorMeta``."""
@@ -76,7 +73,7 @@ class TensorInfoLike(Protocol):
 
 
 class OpenFile(Protocol):
-    def flat(self, name: str) -> torch.Tensor: ...
+    def flat(self, name: str) -> np.ndarray: ...
 
 
 @dataclass
@@ -84,7 +81,9 @@ class WeightFile:
     """One file of weights: its path relative to the checkpoint, its tensors (stored names) and metadata.
 
     ``open`` maps the file and returns an object with ``flat(stored_name)``; it is called lazily and the
-    result is dropped when another file of the same source is needed.
+    result is dropped when another file of the same source is needed. ``identity``: the file when its
+    header was read; the merge checks that it has not changed (see ``io/identity.py``). Tensors whose
+    info is a :class:`TensorInfo` (real byte ranges) are read by the engine with ``pread``, without ``open``.
     """
 
     relpath: str
@@ -93,6 +92,7 @@ class WeightFile:
     metadata: dict[str, str]
     open: Callable[[], OpenFile]
     size: int
+    identity: FileIdentity | None = None
 
 
 @dataclass
@@ -193,8 +193,18 @@ class CheckpointSource:
     def stored_name(self, name: str) -> str:
         return self._where[name][1]
 
-    def flat(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as a 1-D view in its stored dtype; opens its file, closing the previous one."""
+    def locate(self, name: str) -> tuple[int, int, int, str] | None:
+        """Where tensor ``name``'s bytes lie: ``(file number, begin, end, dtype)``, absolute offsets in
+        ``files[number].path``; None when the reader knows no byte range (torch pickles): use ``flat``."""
+        number, stored = self._where[name]
+        info = self._files[number].tensors[stored]
+        if not isinstance(info, TensorInfo):
+            return None
+        return number, info.begin, info.end, info.dtype
+
+    def flat(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a 1-D numpy array in its dtype's storage type (BF16 as uint16, see
+        ``safetensors_format.DTYPES``); opens its file, closing the previous one."""
         number, stored = self._where[name]
         if number != self._open_number:
             self._open = None  # drop the previous file's mapping before opening the next

@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeGuard
 
-import torch
+import numpy as np
 
 from ckpt_ema.errors import InputError
-from ckpt_ema.io.source import CheckpointSource, Part, TensorInfoLike, TensorMeta, WeightFile, dtype_name
+from ckpt_ema.io.identity import identity
+from ckpt_ema.io.source import CheckpointSource, Part, TensorInfoLike, TensorMeta, WeightFile
+
+# torch is imported only when a torch file is read (it takes about a second): see load_pickle.
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 # Where trainers put the state dict, in order of preference: raw weights first, EMA copies after.
@@ -47,6 +52,8 @@ def _convert_hint(path: Path) -> str:
 
 def load_pickle(path: Path) -> object:
     """``torch.load`` with ``weights_only=True, mmap=True``; refusal messages say why and what to do."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
@@ -68,9 +75,15 @@ def load_pickle(path: Path) -> object:
         raise InputError(f"{path}: cannot load as a torch file ({exc})") from None
 
 
+def is_tensor(value: object) -> TypeGuard[Any]:
+    """A torch tensor (without importing torch when no torch file was loaded)."""
+    torch: Any = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
 def _tensor_count(value: object) -> int:
     if isinstance(value, Mapping):
-        return sum(isinstance(v, torch.Tensor) for v in value.values())
+        return sum(is_tensor(v) for v in value.values())
     return 0
 
 
@@ -108,11 +121,13 @@ class StateDictFile:
     def __init__(self, state: Mapping[str, object]) -> None:
         self.state = state
 
-    def flat(self, name: str) -> torch.Tensor:
+    def flat(self, name: str) -> np.ndarray:
+        from ckpt_ema.io.torch_edge import to_numpy
+
         tensor = self.state[name]
-        assert isinstance(tensor, torch.Tensor)
+        assert is_tensor(tensor)
         # contiguous tensors are views into the mapped file; a rare strided one is copied once
-        return tensor.contiguous().reshape(-1)
+        return to_numpy(tensor)
 
 
 @dataclass
@@ -127,12 +142,15 @@ class LoadInfo:
 
 def torch_weight_file(path: Path, relpath: str, key: str | None = None) -> tuple[WeightFile, LoadInfo]:
     """A weight file for a torch pickle, plus what was learnt while loading it (``info``)."""
+    from ckpt_ema.io.torch_edge import dtype_name
+
+    planned = identity(path)
     loaded = load_pickle(path)
     chosen, state, others = find_state_dict(path, loaded, key)
     tensors: dict[str, TensorInfoLike] = {}
     skipped = []
     for name, value in state.items():
-        if not isinstance(value, torch.Tensor):
+        if not is_tensor(value):
             skipped.append(str(name))
             continue
         dtype = dtype_name(value.dtype)
@@ -146,7 +164,7 @@ def torch_weight_file(path: Path, relpath: str, key: str | None = None) -> tuple
         return StateDictFile(find_state_dict(path, again, chosen)[1] if chosen is not None else again)  # type: ignore[arg-type]
 
     del state, loaded
-    weight_file = WeightFile(relpath, path, tensors, {}, reopen, path.stat().st_size)
+    weight_file = WeightFile(relpath, path, tensors, {}, reopen, planned.size, planned)
     return weight_file, info
 
 

@@ -23,8 +23,6 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-import torch
-
 from ckpt_ema.engine.merge_pass import MergePass
 from ckpt_ema.errors import OutputError
 from ckpt_ema.output import dcp as dcp_output
@@ -134,6 +132,7 @@ def finish(job: ShardedMerge | None, ok: bool) -> None:
 
     Every rank must call this once, also after an error (``job`` is None if it could not be created).
     """
+    import torch
     import torch.distributed as dist
 
     failed = torch.tensor([0 if ok and job is not None else 1])

@@ -23,9 +23,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ckpt_ema.engine.merge_pass import MergePass
 from ckpt_ema.errors import InputError, SeriesError, TargetError
@@ -37,8 +37,11 @@ from ckpt_ema.plan.targets import Target, parse_target
 from ckpt_ema.series.load import Checkpoint, check_compatible, load_series, normalise_keys
 from ckpt_ema.series.steps import StepInfo
 
+if TYPE_CHECKING:
+    import torch
+
 # significand bits p (with the implicit bit) and the frexp exponent of the smallest normal number
-FORMATS = {"bf16": (8, -125, torch.bfloat16), "fp16": (11, -13, torch.float16), "fp32": (24, -125, torch.float32)}
+FORMATS = {"bf16": (8, -125, "BF16"), "fp16": (11, -13, "F16"), "fp32": (24, -125, "F32")}
 DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp32"}
 MAX_SAMPLES = 8
 RECOMMENDED_FRACTIONS = (0.025, 0.05, 0.10, 0.20)
@@ -145,7 +148,7 @@ class Checkup:
             roles += [("start", 0), ("trainer", 0)]
         assert self.base is not None
         plan = replace(self.base, checkpoints=tuple(columns), outputs=tuple(rows))
-        ema_dtype = FORMATS[self.trainer_dtype][2] if self.trainer else torch.float32
+        ema_dtype = FORMATS[self.trainer_dtype][2] if self.trainer else "F32"
         self.stats = _Stats(plan, roles, len(self.samples), target.decay, self.dtype, ema_dtype)
         self.pass_ = MergePass(plan, [], rows_sink=self.stats)
 
@@ -214,23 +217,31 @@ class _Stats:
     row ``k`` plays ``roles[k]`` (the EMA at a sample, the weights there, the start, the trainer's EMA)."""
 
     def __init__(
-        self, plan: Plan, roles: list[tuple[str, int]], samples: int, decay: float, dtype: str, ema_dtype: torch.dtype
+        self, plan: Plan, roles: list[tuple[str, int]], samples: int, decay: float, dtype: str, ema_dtype: str
     ) -> None:
+        import torch  # the statistics are torch element-wise ops (imported when a checkup runs)
+
+        from ckpt_ema.io.torch_edge import TORCH_DTYPES, to_torch
+
+        self.torch, self.to_torch = torch, to_torch
         self.float_names = {t.name for t in plan.tensors if t.is_float}
+        self.out_dtypes = {t.name: t.out_dtype for t in plan.tensors}
         self.roles = roles
         self.last = samples - 1
         self.decay = decay
-        self.bits, self.min_exponent, self.dtype = FORMATS[dtype]
-        self.ema_dtype = ema_dtype
+        self.bits, self.min_exponent, dtype_name = FORMATS[dtype]
+        self.dtype = TORCH_DTYPES[dtype_name]
+        self.ema_dtype = TORCH_DTYPES[ema_dtype]
         self.rounded = [0] * samples
         self.updates = [0] * samples
         self.moved_sq = self.moved_fp32_sq = 0.0
         self.unchanged = self.unchanged_fp32 = self.values = 0
 
-    def write_rows(self, name: str, rows: torch.Tensor) -> None:
+    def write_rows(self, name: str, rows: np.ndarray) -> None:
         if name not in self.float_names:
             return
-        values = rows.to(torch.float64)
+        torch = self.torch
+        values = self.to_torch(np.ascontiguousarray(rows), self.out_dtypes[name]).to(torch.float64)
         ema = ema_last = start = None
         for (role, i), data in zip(self.roles, values):
             if role == "ema":
@@ -245,6 +256,7 @@ class _Stats:
                 self._compare(data, ema_last, start)
 
     def _count_rounding(self, i: int, ema: torch.Tensor, theta: torch.Tensor) -> None:
+        torch = self.torch
         # ulp of x in a format with p significand bits: 2^(e - p) with x = m 2^e, 0.5 <= |m| < 1 (frexp)
         stored = ema.to(self.dtype).to(torch.float64)
         _, exponent = torch.frexp(stored)

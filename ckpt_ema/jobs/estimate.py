@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from ckpt_ema.engine.merge_pass import TensorSink
+from ckpt_ema.io.safetensors_format import to_float
 from ckpt_ema.math import ema as kernels
 from ckpt_ema.math import estimate as est
 from ckpt_ema.plan.model import Plan
+from ckpt_ema.series.load import Checkpoint
 
 SAMPLE_ELEMENTS = 1 << 24  # elements of every checkpoint the statistics look at (all of them below this)
 
@@ -57,6 +58,7 @@ class EstimateGatherer:
         n = len(plan.checkpoints)
         self.reasons = [not_estimated(plan, o.method) for o in plan.outputs]
         self.float_names = {t.name for t in plan.tensors if t.is_float}
+        self._out_dtypes = {t.name: t.out_dtype for t in plan.tensors}
         total = sum(int(np.prod(t.shape)) for t in plan.tensors if t.is_float)
         self.stride = max(1, -(-total // SAMPLE_ELEMENTS))
         self.sq = np.zeros(max(n - 1, 0))
@@ -85,19 +87,19 @@ class EstimateGatherer:
             return list(sinks)
         return [_GatheringSink(self, k, sink) for k, sink in enumerate(sinks)]
 
-    def receive(self, k: int, name: str, data: torch.Tensor) -> None:
+    def receive(self, k: int, name: str, data: np.ndarray) -> None:
         """Output ``k``'s next chunk of tensor ``name`` (chunks of a tensor arrive in order)."""
         if name not in self.float_names:
             return
         start = self._offsets.get((k, name), 0)
-        self._offsets[(k, name)] = start + data.numel()
+        self._offsets[(k, name)] = start + data.size
         first = (-(self._base[name] + start)) % self.stride  # every stride-th float element of the plan
-        if first >= data.numel():
+        if first >= data.size:
             return
-        index = slice(start + first, start + data.numel(), self.stride)
+        index = slice(start + first, start + data.size, self.stride)
         if self.reasons[k] is None:
-            last = self.plan.newest.source.flat(name)[index].to(torch.float64)
-            chunk = data[first :: self.stride].to(torch.float64)
+            last = _values(self.plan.newest, name, index)
+            chunk = to_float(data[first :: self.stride], self._out_dtypes[name]).astype(np.float64)
             self.distance_sq[k] += float(((chunk - last) ** 2).sum())
         if k == 0:
             self._gather_increments(name, index)
@@ -105,9 +107,9 @@ class EstimateGatherer:
     def _gather_increments(self, name: str, index: slice) -> None:
         previous = None
         d1 = d2 = None  # the increments of the two gaps before
-        bias: dict[int, torch.Tensor] = {}
+        bias: dict[int, np.ndarray] = {}
         for j, checkpoint in enumerate(self.plan.checkpoints):
-            x = checkpoint.source.flat(name)[index].to(torch.float64)
+            x = _values(checkpoint, name, index)
             for k, row in self.bias_rows.items():
                 term = x * float(row[j])
                 bias[k] = bias[k] + term if k in bias else term
@@ -151,10 +153,15 @@ class EstimateGatherer:
         return result
 
 
+def _values(checkpoint: Checkpoint, name: str, index: slice) -> np.ndarray:
+    """Elements ``index`` of a float tensor of ``checkpoint`` as float64."""
+    return to_float(checkpoint.source.flat(name)[index], checkpoint.source.tensors[name].dtype).astype(np.float64)
+
+
 class _GatheringSink:
     def __init__(self, gatherer: EstimateGatherer, k: int, sink: TensorSink) -> None:
         self.gatherer, self.k, self.sink = gatherer, k, sink
 
-    def write(self, name: str, data: torch.Tensor) -> None:
+    def write(self, name: str, data: np.ndarray) -> None:
         self.gatherer.receive(self.k, name, data)
         self.sink.write(name, data)

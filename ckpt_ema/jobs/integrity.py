@@ -1,10 +1,12 @@
-"""The inputs' SHA-256 and weight norms, computed while the merge streams, and the diverged-checkpoint check.
+"""The inputs' SHA-256 and weight norms, computed from the bytes the merge reads, and the diverged-checkpoint check.
 
-Background threads read every input file once, in file order, and hash it (``hashlib`` and ``torch``
-release the GIL, so this runs beside the merge). They follow the merge: when the engine asks for a
-tensor, the hasher of that file is moved up to the tensor's end, so both read the same pages from the
-page cache at about the same time; the rest of each file (headers, tensors the pass does not read,
-checkpoints with coefficient 0) is hashed when the pass ends. Memory: one 8 MB buffer per thread.
+The merge's read-ahead hands every piece of a file it reads to :meth:`InputHasher.after_read`, in the thread
+that read it and in increasing offset order per file: the piece is hashed there, from the very buffer the
+kernel then merges, so each input is read once and its recorded SHA-256 is that of the bytes merged.
+What the pass does not read (headers, non-float tensors, tensors before a piece, checkpoints with
+coefficient 0, files of readers without byte ranges) is read with ``pread`` and hashed in between or when
+the pass ends, by up to one thread per CPU. (``hashlib`` releases the GIL, so hashing runs beside the
+kernel.) Memory: one 8 MB buffer per thread that reads what the pass did not.
 
 While hashing a safetensors file, each floating-point tensor's sum of squares is added up too: that is
 how a checkpoint whose weights are far from its neighbours' (a diverged step) is found without another
@@ -16,22 +18,22 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import queue
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ckpt_ema.errors import InputError
-from ckpt_ema.io.safetensors_format import DTYPES, TensorInfo
+from ckpt_ema.io.identity import check_unchanged
+from ckpt_ema.io.safetensors_format import TensorInfo, sum_of_squares
 from ckpt_ema.plan.model import Plan
 
-BLOCK = 8 << 20  # bytes per read; a multiple of every element size
+BLOCK = 8 << 20  # bytes per read of what the pass does not read; a multiple of every element size
 SPIKE_FACTOR = 10.0  # a checkpoint whose weight norm jumps this much from the previous one is suspicious
 HASH_WIDTH = 64
-IDLE_SECONDS = 0.5
 
 
 def sha256_key(index: int) -> str:
@@ -41,22 +43,19 @@ def sha256_key(index: int) -> str:
 
 @dataclass
 class _FileState:
-    """One weight file being hashed: where the hash is, and its floating-point tensors in file order."""
+    """One weight file being hashed: how far, and its floating-point tensors in file order."""
 
     path: Path
     size: int
     spans: list[tuple[int, int, str, str]]  # (begin, end, name, dtype) of float tensors, sorted
-    layout_known: bool
     sha: hashlib._Hash = field(default_factory=hashlib.sha256)
     cursor: int = 0
-    target: int = 0
     next_span: int = 0
-    fd: int | None = None
-    scheduled: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class InputHasher:
-    """Hashes every file of ``plan.checkpoints`` in background threads; ``finish()`` returns the results."""
+    """Hashes every file of ``plan.checkpoints``; the pass feeds it (``after_read``), ``finish()`` returns the results."""
 
     def __init__(self, plan: Plan, threads: int | None = None) -> None:
         self.plan = plan
@@ -68,57 +67,43 @@ class InputHasher:
             self.hashed.append(j)
             names = {(source.file_number(n), source.stored_name(n)): n for n in source.tensors}
             for number, weight_file in enumerate(source.files):
-                infos = weight_file.tensors.values()
-                known = all(isinstance(info, TensorInfo) for info in infos)  # real byte ranges (safetensors)
                 spans = sorted(
                     (info.begin, info.end, names.get((number, stored), stored), info.dtype)
                     for stored, info in weight_file.tensors.items()
-                    if isinstance(info, TensorInfo) and known and info.is_float and info.end > info.begin
+                    if isinstance(info, TensorInfo) and info.is_float and info.end > info.begin  # safetensors
                 )
-                self._files[(j, number)] = _FileState(weight_file.path, weight_file.size, spans, known)
-        self._lock = threading.Lock()
-        self._queue: queue.Queue[tuple[int, int]] = queue.Queue()
-        self._error: BaseException | None = None
-        self._cancelled = threading.Event()
-        # Threads start with work and end after IDLE_SECONDS without any, so none outlives the job.
+                self._files[(j, number)] = _FileState(weight_file.path, weight_file.size, spans)
         self._threads = threads or max(1, min(4, os.cpu_count() or 1, len(self._files)))
-        self._alive = 0
-        self._workers: list[threading.Thread] = []
+        self._cancelled = threading.Event()
 
-    def before_read(self, checkpoint: int, name: str) -> None:
-        """The engine is about to read ``name`` of ``checkpoint``: hash its file at least up to the tensor's end."""
-        source = self.plan.checkpoints[checkpoint].source
-        number = source.file_number(name)
-        info = source.files[number].tensors[source.stored_name(name)]
-        self.advance((checkpoint, number), info.end if isinstance(info, TensorInfo) else 0)
-
-    def advance(self, key: tuple[int, int], end: int) -> None:
-        """Ask for file ``key`` (checkpoint, file number) to be hashed at least up to byte ``end``."""
-        state = self._files[key]
-        with self._lock:
-            state.target = max(state.target, end if state.layout_known else state.size)
-            if state.scheduled or state.cursor >= state.target:
-                return
-            state.scheduled = True
-        self._queue.put(key)
-        with self._lock:
-            if self._alive < self._threads:
-                self._alive += 1
-                worker = threading.Thread(target=self._work, name="ckpt-ema-hash", daemon=True)
-                self._workers.append(worker)
-                worker.start()
+    def after_read(self, key: tuple[int, int], offset: int, view: memoryview) -> None:
+        """Bytes ``[offset, offset + len(view))`` of file ``key`` (checkpoint, file number), just read."""
+        state = self._files.get(key)
+        if state is None:
+            return
+        with state.lock:
+            end = offset + len(view)
+            if end <= state.cursor:
+                return  # read again out of file order: hashed already
+            if offset > state.cursor:
+                self._hash_range(key[0], state, offset)  # what lies before it, read here
+            self._consume(key[0], state, view[state.cursor - offset :])
 
     def finish(self) -> dict[int, str]:
-        """Hash what is left, wait, and return the SHA-256 (hex) of each checkpoint in ``hashed``.
+        """Hash what is left of every file, and return the SHA-256 (hex) of each checkpoint in ``hashed``.
 
         A checkpoint made of several files gets the SHA-256 of its ``sha256sum``-style manifest
         (``<hex>  <relative path>`` lines in file order).
         """
-        for key, state in self._files.items():
-            self.advance(key, state.size)
-        self._queue.join()
-        if self._error is not None:
-            raise self._error
+
+        def rest(key: tuple[int, int]) -> None:
+            state = self._files[key]
+            with state.lock:
+                self._hash_range(key[0], state, state.size)
+
+        with ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="ckpt-ema-hash") as pool:
+            for future in [pool.submit(rest, key) for key in self._files]:
+                future.result()
         digests = {}
         for j in self.hashed:
             files = self.plan.checkpoints[j].source.files
@@ -131,87 +116,71 @@ class InputHasher:
         return digests
 
     def cancel(self) -> None:
-        """Stop the threads at their next block (after an error or an interruption); close the files."""
+        """Make a running ``finish()`` stop at its next block (after an error or an interruption)."""
         self._cancelled.set()
-        with self._lock:
-            for state in self._files.values():
-                if not state.scheduled:  # a scheduled file is closed by its thread
-                    self._close(state)
-        # Wait for the threads (they stop at their next block, then idle out), so that none is still in
-        # torch code while the interpreter exits after Ctrl-C/SIGTERM ("terminate called without ...").
-        for worker in self._workers:
-            if worker is not threading.current_thread():
-                worker.join(timeout=IDLE_SECONDS + 2.0)
 
-    def _work(self) -> None:
-        buffer = bytearray(BLOCK)
-        while True:
-            try:
-                key = self._queue.get(timeout=IDLE_SECONDS)
-            except queue.Empty:
-                with self._lock:  # advance() puts before it counts threads, under this lock
-                    if self._queue.empty():
-                        self._alive -= 1
-                        return
-                continue
-            state = self._files[key]
-            try:
-                while not self._cancelled.is_set():
-                    with self._lock:
-                        if state.cursor >= state.target:
-                            state.scheduled = False
-                            break
-                    self._step(key[0], state, buffer)
-            except OSError as exc:
-                self._error = self._error or InputError(f"{state.path}: cannot read ({exc.strerror or exc})")
-                self._cancelled.set()
-            except BaseException as exc:  # reported by finish(); the merge itself stops there
-                self._error = self._error or exc
-                self._cancelled.set()
-            finally:
-                if self._cancelled.is_set() or state.cursor >= state.size:
-                    with self._lock:
-                        self._close(state)
-                self._queue.task_done()
+    def _hash_range(self, checkpoint: int, state: _FileState, stop: int) -> None:
+        """Read and hash the file from its cursor up to ``stop`` (blocks cut at float tensors' boundaries)."""
+        if state.cursor >= stop:
+            return
+        buffer = np.empty(min(BLOCK, stop - state.cursor), dtype=np.uint8)
+        try:
+            fd = os.open(state.path, os.O_RDONLY)
+        except OSError as exc:
+            raise InputError(f"{state.path}: cannot read ({exc.strerror or exc})") from None
+        try:
+            while state.cursor < stop:
+                if self._cancelled.is_set():
+                    raise InputError(f"{state.path}: hashing cancelled")
+                spans = state.spans
+                while state.next_span < len(spans) and spans[state.next_span][1] <= state.cursor:
+                    state.next_span += 1
+                span = spans[state.next_span] if state.next_span < len(spans) else None
+                if span is not None and span[0] <= state.cursor:
+                    begin = span[0]
+                    piece_end = min(span[1], begin + ((state.cursor - begin) // BLOCK + 1) * BLOCK)
+                else:
+                    piece_end = min(state.size, state.cursor + BLOCK, span[0] if span is not None else state.size)
+                piece_end = min(piece_end, stop, state.cursor + len(buffer))
+                view = memoryview(buffer)[: piece_end - state.cursor]  # type: ignore[arg-type]
+                done = 0
+                while done < len(view):
+                    count = os.preadv(fd, [view[done:]], state.cursor + done)
+                    if count == 0:
+                        raise InputError(f"{state.path}: truncated while being read; no output written")
+                    done += count
+                self._consume(checkpoint, state, view)
+        except OSError as exc:
+            raise InputError(f"{state.path}: cannot read ({exc.strerror or exc})") from None
+        finally:
+            os.close(fd)
 
-    def _step(self, checkpoint: int, state: _FileState, buffer: bytearray) -> None:
-        """Hash one block from the cursor: a piece of a float tensor (also summed), or of what lies between."""
-        if state.fd is None:
-            state.fd = os.open(state.path, os.O_RDONLY)
-            if os.fstat(state.fd).st_size != state.size:
-                raise InputError(f"{state.path}: the file changed size while being read")
-        spans = state.spans
-        while state.next_span < len(spans) and spans[state.next_span][1] <= state.cursor:
-            state.next_span += 1
-        span = spans[state.next_span] if state.next_span < len(spans) else None
-        if span is not None and span[0] <= state.cursor:
-            begin, end, name, dtype = span
-            stop = min(end, begin + ((state.cursor - begin) // BLOCK + 1) * BLOCK)
-        else:
-            stop = min(state.size, state.cursor + BLOCK, span[0] if span is not None else state.size)
-            name = dtype = ""
-        view = memoryview(buffer)[: stop - state.cursor]
-        done = 0
-        while done < len(view):
-            count = os.preadv(state.fd, [view[done:]], state.cursor + done)
-            if count == 0:
-                raise InputError(f"{state.path}: the file changed size while being read")
-            done += count
+    def _consume(self, checkpoint: int, state: _FileState, view: memoryview) -> None:
+        """Hash bytes starting at the cursor and add the float tensors' sums of squares over them."""
+        start, stop = state.cursor, state.cursor + len(view)
         state.sha.update(view)
-        if name:
-            torch_dtype, itemsize, _ = DTYPES[dtype]
-            values = torch.frombuffer(buffer, dtype=torch_dtype, count=len(view) // itemsize)
-            values = values.to(torch.float64 if dtype == "F64" else torch.float32)
-            norms = self.norms[checkpoint]
-            norms[name] = norms.get(name, 0.0) + float(torch.dot(values, values))
-        with self._lock:
-            state.cursor = stop
+        spans = state.spans
+        index = state.next_span
+        while index < len(spans) and spans[index][1] <= start:
+            index += 1
+        state.next_span = index
+        norms = self.norms[checkpoint]
+        while index < len(spans) and spans[index][0] < stop:
+            begin, end, name, dtype = spans[index]
+            lo, hi = max(begin, start), min(end, stop)
+            if lo < hi:
+                norms[name] = norms.get(name, 0.0) + sum_of_squares(view[lo - start : hi - start], dtype)
+            if end > stop:
+                break
+            index += 1
+        state.cursor = stop
 
-    @staticmethod
-    def _close(state: _FileState) -> None:
-        if state.fd is not None:
-            os.close(state.fd)
-            state.fd = None
+
+def check_inputs_unchanged(plan: Plan) -> None:
+    """Raise ``InputError`` naming the first input file that changed since its header was read."""
+    for checkpoint in plan.checkpoints:
+        for weight_file in checkpoint.source.files:
+            check_unchanged(weight_file.path, weight_file.identity)
 
 
 def diverged_checkpoints(plan: Plan, norms: Sequence[dict[str, float]], warn: Callable[[str], None]) -> None:

@@ -12,12 +12,17 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ckpt_ema.engine.merge_pass import MemorySink, MergePass
 from ckpt_ema.errors import OutputError, StrictError
-from ckpt_ema.jobs.integrity import HASH_WIDTH, InputHasher, diverged_checkpoints, sha256_key
+from ckpt_ema.jobs.integrity import (
+    HASH_WIDTH,
+    InputHasher,
+    check_inputs_unchanged,
+    diverged_checkpoints,
+    sha256_key,
+)
 from ckpt_ema.output.layouts import open_output, output_metadata
 from ckpt_ema.output.paths import output_paths
 from ckpt_ema.output.writer import (
@@ -33,6 +38,9 @@ from ckpt_ema.plan.posthoc import plan_posthoc
 from ckpt_ema.plan.targets import in_steps, parse_targets
 from ckpt_ema.series.lengths import StepSize, check_per_step, parse_length, step_size_from_record
 from ckpt_ema.series.load import load_series
+
+if TYPE_CHECKING:
+    import torch
 
 Numbers = Sequence[float | str]
 
@@ -161,10 +169,11 @@ class MergeJob:
             check_free_space([(p, output_size(plan.tensors, m, options)) for p, m in zip(self.paths, metadata)])
             for path, meta in zip(self.paths, metadata):
                 self.writers.append(open_output(plan, path, meta, fmt, options))
+            # inside the guard: an error or Ctrl-C while the pass is laid out removes the temporary files
+            self.merge_pass = MergePass(plan, self.writers, chunk_elements, self._warn, observer=self.hasher)
         except BaseException:
             self.abort()
             raise
-        self.merge_pass = MergePass(plan, self.writers, chunk_elements, self._warn, observer=self.hasher)
         self.total_bytes = self.merge_pass.total_bytes
 
     def __len__(self) -> int:
@@ -174,11 +183,13 @@ class MergeJob:
         return iter(self.merge_pass)
 
     def commit(self) -> list[Path]:
-        """Wait for the inputs' hashes, check for diverged checkpoints, then finish and rename each output."""
+        """Finish the inputs' hashes, check for diverged checkpoints and for inputs that changed while being
+        read, then finish and rename each output."""
         try:
             if self.hasher is not None:
                 self._hashes = self.hasher.finish()
                 diverged_checkpoints(self.plan, self.hasher.norms, self._warn)
+            check_inputs_unchanged(self.plan)
             for writer in self.writers:
                 writer.commit()
         except BaseException:

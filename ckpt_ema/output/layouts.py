@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ckpt_ema.errors import OutputError
 from ckpt_ema.io import CheckpointSource
@@ -109,7 +109,7 @@ class _Unprefixed:
     def __init__(self, writer: SafetensorsWriter, prefix: str) -> None:
         self.writer, self.prefix, self.path = writer, prefix, writer.path
 
-    def write(self, name: str, data: torch.Tensor) -> None:
+    def write(self, name: str, data: np.ndarray) -> None:
         self.writer.write(name[len(self.prefix) :], data)
 
     def commit(self) -> None:
@@ -196,7 +196,7 @@ class FolderWriter:
             else:
                 shutil.copy2(origin, destination)
 
-    def write(self, name: str, data: torch.Tensor) -> None:
+    def write(self, name: str, data: np.ndarray) -> None:
         writer, inner = self._route[name]
         writer.write(inner, data)
 

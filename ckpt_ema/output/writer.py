@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import torch
+import numpy as np
 
 from ckpt_ema.errors import OutputError
-from ckpt_ema.io.safetensors_format import DTYPES, read_header
+from ckpt_ema.io.safetensors_format import DTYPES, all_finite, read_header
 from ckpt_ema.plan.model import TensorPlan
 
 try:
@@ -60,7 +60,7 @@ class OutputWriter(Protocol):
 
     path: Path
 
-    def write(self, name: str, data: torch.Tensor) -> None: ...
+    def write(self, name: str, data: np.ndarray) -> None: ...
 
     def commit(self) -> None: ...
 
@@ -233,11 +233,11 @@ class SafetensorsWriter:
             self.abort()
             raise self._os_error("cannot write", exc) from None
 
-    def write(self, name: str, data: torch.Tensor) -> None:
+    def write(self, name: str, data: np.ndarray) -> None:
         """Append (part of) tensor ``name``; ``data`` is contiguous in the output dtype."""
         if self._index >= len(self._names) or name != self._names[self._index]:
             raise RuntimeError(f"tensor {name!r} written out of order")
-        view = data.reshape(-1).view(torch.uint8).numpy().data
+        view = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
         try:
             self._file.write(view)  # type: ignore[union-attr]
         except OSError as exc:
@@ -339,13 +339,8 @@ class SafetensorsWriter:
 
 
 def _all_finite(buffer: bytearray, size: int, dtype: str) -> bool:
-    torch_dtype, itemsize, _ = DTYPES[dtype]
-    values = torch.frombuffer(buffer, dtype=torch_dtype, count=size // itemsize) if size else None
-    if values is None:
-        return True
-    if values.element_size() == 1:  # float8: isfinite is not implemented for every 8-bit format
-        values = values.to(torch.float16)
-    return bool(torch.isfinite(values).all())
+    storage, itemsize, _ = DTYPES[dtype]
+    return all_finite(np.frombuffer(buffer, dtype=storage, count=size // itemsize), dtype) if size else True
 
 
 def _free_or_unknown(folder: Path) -> str:

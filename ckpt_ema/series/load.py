@@ -11,8 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ckpt_ema.errors import InputError, SeriesError, StepError
 from ckpt_ema.io import CheckpointSource, is_lora_alpha, is_lora_factor, open_checkpoint
+from ckpt_ema.io.safetensors_format import DTYPES, to_float
 from ckpt_ema.math.ema import gamma_to_sigma_rel
 from ckpt_ema.series.discover import discover_inputs, natural_key, refuse_repeats
 from ckpt_ema.series.steps import StepInfo, detect_step, looks_like_snapshot, step_from_metadata
@@ -212,9 +215,9 @@ def _check_lora_alphas(checkpoints: Sequence[Checkpoint]) -> None:
     """LoRA ``.alpha`` scales are copied from the newest checkpoint, so they must agree across the series."""
     reference = checkpoints[-1]
     for name in sorted(n for n in reference.source.tensors if is_lora_alpha(n)):
-        ref_value = reference.source.flat(name).double()
+        ref_value = _float64(reference, name)
         for other in checkpoints[:-1]:
-            value = other.source.flat(name).double()
+            value = _float64(other, name)
             if not bool((value == ref_value).all()):
                 raise SeriesError(
                     f"LoRA alpha {name!r} is {ref_value.tolist()} in {reference.path} but {value.tolist()} in "
@@ -222,6 +225,13 @@ def _check_lora_alphas(checkpoints: Sequence[Checkpoint]) -> None:
                 )
     for ckpt in checkpoints:
         ckpt.source.close()
+
+
+def _float64(checkpoint: Checkpoint, name: str) -> np.ndarray:
+    """A (small) tensor's values as float64, whatever its dtype."""
+    data = checkpoint.source.flat(name)
+    dtype = checkpoint.source.tensors[name].dtype
+    return (to_float(data, dtype) if DTYPES[dtype][2] else data).astype(np.float64)
 
 
 def _names(names: Sequence[str], limit: int = 8) -> str:
