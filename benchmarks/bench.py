@@ -1,21 +1,26 @@
-"""`make bench`: how fast ckpt-ema merges, next to the limit (reading the bytes) and the usual script.
+"""`make bench`: how fast ckpt-ema merges, side by side in one run with the limits (``cat``, reading the bytes).
 
-Generates a synthetic BF16 series in a temporary folder (``--count`` checkpoints of ``--size-mb`` MB each,
-a mix of large matrices and small biases/norms like a real UNet or transformer, plus an integer buffer),
-then measures, each as the best of ``--repeat`` runs:
+Writes a synthetic BF16 series to disk (``--count`` checkpoints of ``--size-mb`` MB, a transformer-like mix
+of large matrices and small biases/norms plus an integer buffer), then measures, each row in the same run:
 
-- ``read``: one memory-mapped pass over every input file that touches every value (the limit);
-- ``naive``: ``safetensors.torch.load_file`` on each file, then whole-tensor FP32 accumulation
-  (what timm/fairseq averaging scripts and musubi-tuner's post-hoc EMA do; no output written);
-- ``ckpt-ema merge`` with 1 and with 4 targets, with and without ``--no-hash``, through the real CLI (``python -m ckpt_ema``) as a
-  subprocess, writing its outputs into the temporary folder. ``startup`` is ``ckpt-ema plan`` on the
-  same series (Python + torch import, header parsing, planning): the ``pass`` columns subtract it.
-  Peak anonymous RSS (``RssAnon`` of the process and its children, sampled every 5 ms from /proc) is
-  reported for every ckpt-ema run; the page cache and the mapped files are not anonymous memory.
+- ``cat``: ``cat FILES > /dev/null`` (the disk's or the page cache's speed through read(2));
+- ``read``: every file memory-mapped and every 32-bit word touched (a max-reduction on all cores);
+- ``engine N``: ckpt-ema's streaming pass alone, in this process, outputs discarded;
+- ``ckpt-ema N``: ``python -m ckpt_ema merge`` as a subprocess writing real outputs, with N = 1, 4, 16
+  targets, with the default SHA-256 of the inputs and with ``--no-hash``;
+- ``--help`` and ``plan``: the command's start-up (``plan`` reads the headers and plans).
+
+*warm* rows read from the page cache (a read of every file first), outputs into ``/dev/shm`` when it fits;
+*cold* rows drop every input from the page cache first (``posix_fadvise(DONTNEED)`` on each file, which
+works on disk file systems, not on tmpfs) and write their outputs beside the series, on the same disk.
+Peak memory is the anonymous RSS (``RssAnon`` of the process and its children, sampled every 5 ms from
+/proc), not the page cache or mapped files. The scale table repeats the warm CLI rows on a series a
+quarter the size, and runs 1 and 2 processes at once each merging its own series (how a torchrun merge
+over machines that each read their own files would scale, on one machine that shares its disk and cores).
 
 Examples:
-    python benchmarks/bench.py                        # 8 x 256 MB, and 8 x 128 MB for linearity
-    python benchmarks/bench.py --size-mb 1024,4096    # the larger setting, for manual runs
+    python benchmarks/bench.py                          # 8 x 512 MB (4.3 GB) on $TMPDIR, ~4 min
+    python benchmarks/bench.py --size-mb 128 --repeat 1 # quick
     python benchmarks/bench.py --json bench.json --dir /mnt/nvme/tmp
 """
 
@@ -26,7 +31,9 @@ import json
 import math
 import mmap
 import os
+import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,17 +41,26 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-TARGETS_1 = ["--decay", "0.999"]
-TARGETS_4 = ["--decay", "0.999", "--decay", "0.9999", "--sigma-rel", "0.05", "--sigma-rel", "0.1"]
+TARGETS = {
+    1: ["--decay", "0.9995"],
+    4: ["--decay", "0.9995", "--decay", "0.9999", "--sigma-rel", "0.05", "--sigma-rel", "0.1"],
+    16: [
+        *[a for d in ("0.999", "0.9993", "0.9995", "0.9997", "0.9998", "0.9999") for a in ("--decay", d)],
+        *[
+            a
+            for s in ("0.03", "0.05", "0.07", "0.09", "0.11", "0.13", "0.15", "0.17", "0.19", "0.21")
+            for a in ("--sigma-rel", s)
+        ],
+    ],
+}
 STEP_GAP = 1000
 
 
 # ----------------------------------------------------------------------------------------------
-# the synthetic series
+# the synthetic series (numpy only: BF16 bits written by hand)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -78,21 +94,39 @@ def layout(size_bytes: int) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _bf16_bits(values: np.ndarray) -> np.ndarray:
+    u = values.astype(np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
 def make_series(folder: Path, count: int, size_bytes: int, seed: int = 0) -> list[Path]:
     """``count`` BF16 checkpoints ``step-N.safetensors`` (N = 1000, 2000, ...) drifting like a training run."""
     folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     shapes = layout(size_bytes)
-    weights = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
+    total = sum(math.prod(s) for s in shapes.values())
+    base = rng.standard_normal(total, dtype=np.float32) * np.float32(0.02)
+    drift = rng.standard_normal(total, dtype=np.float32) * np.float32(1e-3)
     paths = []
     for i in range(count):
         step = STEP_GAP * (i + 1)
-        for w in weights.values():
-            w.add_(torch.randn(w.shape, generator=generator), alpha=1e-3)
-        tensors = {name: w.to(torch.bfloat16) for name, w in weights.items()}
-        tensors["step_counter"] = torch.tensor([step], dtype=torch.int64)
+        header: dict[str, object] = {"__metadata__": {"step": str(step)}}
+        offset = 0
+        for name, shape in shapes.items():
+            n = 2 * math.prod(shape)
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        header["step_counter"] = {"dtype": "I64", "shape": [1], "data_offsets": [offset, offset + 8]}
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
         path = folder / f"step-{step:06d}.safetensors"
-        save_file(tensors, str(path), metadata={"step": str(step)})
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(text)) + text)
+            piece = 1 << 24
+            for start in range(0, total, piece):
+                stop = min(total, start + piece)
+                f.write(_bf16_bits(base[start:stop] + np.float32(i + 1) * drift[start:stop]).tobytes())
+            f.write(struct.pack("<q", step))
         paths.append(path)
     return paths
 
@@ -102,8 +136,27 @@ def make_series(folder: Path, count: int, size_bytes: int, seed: int = 0) -> lis
 # ----------------------------------------------------------------------------------------------
 
 
+def drop_cache(paths: list[Path]) -> None:
+    """Evict the files from the page cache (disk file systems; tmpfs keeps them)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cat_pass(paths: list[Path]) -> float:
+    start = time.perf_counter()
+    subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
 def read_pass(paths: list[Path]) -> float:
     """Map each file and touch every 32-bit word (so every BF16 value) with a max-reduction (all cores)."""
+    import torch
+
     start = time.perf_counter()
     for path in paths:
         with open(path, "rb") as f:
@@ -115,45 +168,24 @@ def read_pass(paths: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def naive_pass(paths: list[Path], coefficients: list[float], in_place: bool = True) -> float:
-    """Load each checkpoint whole, add ``c * tensor`` into FP32 accumulators (no output written).
-
-    ``in_place``: ``acc.add_(tensor.float(), alpha=c)``, the fastest way to write it; otherwise
-    ``acc = acc + c * tensor.float()``, as averaging scripts do (musubi-tuner's post-hoc EMA, fairseq).
-    """
-    start = time.perf_counter()
-    acc: dict[str, torch.Tensor] = {}
-    for path, coef in zip(paths, coefficients):
-        state = load_file(str(path))
-        for name, tensor in state.items():
-            if not tensor.is_floating_point():
-                acc[name] = tensor
-            elif name not in acc:
-                acc[name] = tensor.to(torch.float32).mul_(coef)
-            elif in_place:
-                acc[name].add_(tensor.to(torch.float32), alpha=coef)
-            else:
-                acc[name] = acc[name] + coef * tensor.float()
-        del state
-    result = {name: t.to(torch.bfloat16) if t.is_floating_point() else t for name, t in acc.items()}
-    del result, acc
-    return time.perf_counter() - start
-
-
 class _NullSink:
-    def write(self, name: str, data: torch.Tensor) -> None:
+    def write(self, name: str, data: object) -> None:
         pass
 
 
-def engine_pass(series: Path, targets: list[str], kernel: str) -> float:
+def _options(targets: list[str]) -> dict[str, list[float]]:
+    options: dict[str, list[float]] = {}
+    for flag, value in zip(targets[::2], targets[1::2]):
+        options.setdefault(flag.lstrip("-").replace("-", "_"), []).append(float(value))
+    return options
+
+
+def engine_pass(series: Path, targets: list[str], kernel: str | None = None) -> float:
     """The engine alone, in this process: ckpt-ema's MergePass with the outputs discarded."""
     from ckpt_ema import plan_merge
     from ckpt_ema.engine.merge_pass import MergePass
 
-    options: dict[str, list[float]] = {}
-    for flag, value in zip(targets[::2], targets[1::2]):
-        options.setdefault(flag.lstrip("-").replace("-", "_"), []).append(float(value))
-    plan = plan_merge([series], **options)
+    plan = plan_merge([series], **_options(targets))
     start = time.perf_counter()
     for _ in MergePass(plan, [_NullSink() for _ in plan.outputs], kernel=kernel):
         pass
@@ -186,176 +218,234 @@ def _rss_anon_kb(pid: int) -> int:
     return total
 
 
-def run_cli(args: list[str]) -> tuple[float, int]:
-    """Run ``python -m ckpt_ema ARGS``; return (seconds, peak anonymous RSS in bytes)."""
+def run_cli(args: list[str], concurrent: int = 1) -> tuple[float, int]:
+    """Run ``python -m ckpt_ema ARGS`` (``concurrent`` copies at once, ``{i}`` in ARGS replaced by the copy's
+    number); return (seconds until all ended, peak anonymous RSS in bytes of one process tree)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckpt_ema", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ckpt_ema", *[a.replace("{i}", str(i)) for a in args]],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(concurrent)
+    ]
     peak = 0
     done = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, _rss_anon_kb(proc.pid))
+            peak = max(peak, max(_rss_anon_kb(p.pid) for p in procs))
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, stderr = proc.communicate()
+    errors = [p.communicate()[1] for p in procs]
     elapsed = time.perf_counter() - start
     done.set()
     sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"ckpt-ema {' '.join(args)} failed:\n{stderr.decode(errors='replace')}")
+    for p, stderr in zip(procs, errors):
+        if p.returncode != 0:
+            raise SystemExit(f"ckpt-ema {' '.join(args)} failed:\n{stderr.decode(errors='replace')}")
     return elapsed, peak * 1024
 
 
-def best(runs: int, fn, *args):
-    """Best time of ``runs`` calls; for ckpt-ema runs also the largest peak RSS seen."""
-    results = [fn(*args) for _ in range(runs)]
-    if isinstance(results[0], tuple):
-        return min(r[0] for r in results), max(r[1] for r in results)
-    return min(results), None
+def best(runs: int, fn, *args, cold: list[Path] | None = None):
+    """Best time of ``runs`` calls (each after evicting ``cold`` from the page cache, if given)."""
+    times, peaks = [], []
+    for _ in range(runs):
+        if cold is not None:
+            drop_cache(cold)
+        result = fn(*args)
+        seconds, peak = result if isinstance(result, tuple) else (result, None)
+        times.append(seconds)
+        peaks.append(peak)
+    peak_values = [p for p in peaks if p is not None]
+    return min(times), (max(peak_values) if peak_values else None)
 
 
-def bench_size(folder: Path, count: int, size_mb: int, repeat: int, extra: list[str]) -> dict[str, object]:
-    series = folder / f"series-{size_mb}mb"
-    print(f"generating {count} x {size_mb} MB BF16 checkpoints in {series} ...", file=sys.stderr, flush=True)
-    paths = make_series(series, count, size_mb << 20)
-    input_bytes = sum(p.stat().st_size for p in paths)
-    out = folder / f"out-{size_mb}mb"
-    # Warm the page cache (every measured run reads cached data, as the limit assumes).
-    read_pass(paths)
-    sys.path.insert(0, str(ROOT))
-    from ckpt_ema import plan_merge
+# ----------------------------------------------------------------------------------------------
+# the tables
+# ----------------------------------------------------------------------------------------------
 
-    coefficients = list(plan_merge([series], decay=[0.999]).outputs[0].coefficients)
 
+def merge_args(series: Path, n: int, dest: Path, extra: list[str]) -> list[str]:
+    out = dest / ("one.safetensors" if n == 1 else f"t{n}")
+    return ["merge", str(series), *TARGETS[n], "-o", str(out), "--force", "-q", *extra]
+
+
+def main_table(series: Path, paths: list[Path], warm_out: Path, cold_out: Path, args: argparse.Namespace) -> dict:
     rows: dict[str, dict[str, float | None]] = {}
-    print("  read ...", file=sys.stderr, flush=True)
-    rows["read"] = {"seconds": best(repeat, read_pass, paths)[0]}
-    print("  naive ...", file=sys.stderr, flush=True)
-    rows["naive"] = {"seconds": best(repeat, naive_pass, paths, coefficients)[0]}
-    rows["naive, script-style"] = {"seconds": best(repeat, naive_pass, paths, coefficients, False)[0]}
-    from ckpt_ema.engine import fused
+    repeat, extra = args.repeat, args.merge_args.split()
 
-    print("  engine ...", file=sys.stderr, flush=True)
-    for kernel in ["torch"] + (["fused"] if fused.AVAILABLE else []):
-        for label, targets in (("1 target", TARGETS_1), ("4 targets", TARGETS_4)):
-            engine_pass(series, targets, kernel)  # warm-up (numba compiles or loads its cache)
-            rows[f"engine {kernel} {label}"] = {"seconds": best(repeat, engine_pass, series, targets, kernel)[0]}
-    print("  ckpt-ema ...", file=sys.stderr, flush=True)
-    startup, startup_rss = best(repeat, run_cli, ["plan", str(series), *TARGETS_1])
-    rows["startup"] = {"seconds": startup, "peak_rss": startup_rss}
-    runs = [
-        (f"ckpt-ema {n}{suffix}", t, flags)
-        for suffix, flags in (("", []), (" --no-hash", ["--no-hash"]))
-        for n, t in (("1 target", TARGETS_1), ("4 targets", TARGETS_4))
-    ]
-    for label, targets, flags in runs:
-        dest = out / ("one.safetensors" if targets is TARGETS_1 else "four")
-        args = ["merge", str(series), *targets, "-o", str(dest), "--force", "-q", *flags, *extra]
-        seconds, rss = best(repeat, run_cli, args)
-        rows[label] = {"seconds": seconds, "pass_seconds": max(seconds - startup, 1e-9), "peak_rss": rss}
-    shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(series, ignore_errors=True)
+    def row(label: str, seconds: float, peak: int | None = None, mode: str = "warm") -> None:
+        rows[label] = {"seconds": seconds, "peak_rss": peak, "mode": mode}
+        print(f"  {label:34} {seconds:7.3f} s", file=sys.stderr, flush=True)
 
-    read_s, naive_s = rows["read"]["seconds"], rows["naive"]["seconds"]
-    for row in rows.values():
-        t = row.get("pass_seconds") or row["seconds"]
-        row["gb_per_s"] = input_bytes / t / 1e9
-        row["x_read"] = t / read_s
-        row["naive_x"] = naive_s / t
-        row["script_x"] = rows["naive, script-style"]["seconds"] / t
-    one, four = rows["ckpt-ema 1 target"], rows["ckpt-ema 4 targets"]
-    engine_ratios = {
-        kernel: rows[f"engine {kernel} 4 targets"]["seconds"] / rows[f"engine {kernel} 1 target"]["seconds"]
-        for kernel in ("torch", "fused")
-        if f"engine {kernel} 1 target" in rows
-    }
-    return {
-        "count": count,
-        "size_mb": size_mb,
-        "input_bytes": input_bytes,
-        "tensors_per_checkpoint": len(layout(size_mb << 20)) + 1,
-        "rows": rows,
-        "four_over_one": four["pass_seconds"] / one["pass_seconds"],
-        "four_over_one_no_hash": rows["ckpt-ema 4 targets --no-hash"]["pass_seconds"]
-        / rows["ckpt-ema 1 target --no-hash"]["pass_seconds"],
-        "engine_four_over_one": engine_ratios,
-    }
+    cat_pass(paths)  # warm the page cache
+    row("cat (warm)", best(repeat, cat_pass, paths)[0])
+    row("read (warm)", best(repeat, read_pass, paths)[0])
+    for label, cli in (("ckpt-ema --help", ["--help"]), ("ckpt-ema plan", ["plan", str(series), *TARGETS[1]])):
+        row(label, *best(repeat, run_cli, cli))
+    engine_pass(series, TARGETS[1])  # warm-up (numba loads its cache or compiles)
+    for n in (1, 4, 16):
+        row(f"engine {n} (warm)", best(repeat, engine_pass, series, TARGETS[n])[0])
+    for n in (1, 4, 16):
+        for flags in ([], ["--no-hash"]):
+            label = f"ckpt-ema {n}{' --no-hash' if flags else ''} (warm)"
+            row(label, *best(repeat, run_cli, merge_args(series, n, warm_out, flags + extra)))
+            shutil.rmtree(warm_out, ignore_errors=True)
+    if not args.no_cold:
+        cold_repeat = max(1, min(repeat, 2))
+        row("cat (cold)", best(cold_repeat, cat_pass, paths, cold=paths)[0], mode="cold")
+        row("engine 1 (cold)", best(cold_repeat, engine_pass, series, TARGETS[1], cold=paths)[0], mode="cold")
+        for n in (1, 4, 16):
+            for flags in ([], ["--no-hash"]):
+                label = f"ckpt-ema {n}{' --no-hash' if flags else ''} (cold)"
+                result = best(cold_repeat, run_cli, merge_args(series, n, cold_out, flags + extra), cold=paths)
+                row(label, *result, mode="cold")
+                shutil.rmtree(cold_out, ignore_errors=True)
+    return rows
 
 
-def print_table(result: dict[str, object]) -> None:
-    rows = result["rows"]
+def scale_table(folder: Path, count: int, size_mb: int, warm_out: Path, args: argparse.Namespace) -> dict:
+    """Warm CLI runs on a series a quarter the size, and 1 vs 2 processes each merging its own series."""
+    small_mb = max(16, size_mb // 4)
+    series = [folder / f"small-{i}" for i in range(2)]
+    paths = [p for s in series for p in make_series(s, count, small_mb << 20, seed=1 + int(s.name[-1]))]
+    cat_pass(paths)
+    result: dict[str, object] = {"size_mb": small_mb, "bytes": sum(p.stat().st_size for p in paths) // 2, "rows": {}}
+    for n in (1, 4, 16):
+        seconds, peak = best(args.repeat, run_cli, merge_args(series[0], n, warm_out, args.merge_args.split()))
+        result["rows"][f"ckpt-ema {n}"] = {"seconds": seconds, "peak_rss": peak}  # type: ignore[index]
+        print(f"  scale {small_mb} MB, {n} targets: {seconds:.3f} s", file=sys.stderr, flush=True)
+        shutil.rmtree(warm_out, ignore_errors=True)
+    template = str(folder / "small-{i}")
+    for k in (1, 2):
+        cli = ["merge", template, *TARGETS[1], "-o", str(warm_out / "p{i}.safetensors"), "--force", "-q"]
+        drop = paths if not args.no_cold else None
+        seconds, _ = best(max(1, min(args.repeat, 2)), run_cli, cli, k, cold=drop)
+        result["rows"][f"{k} processes"] = {"seconds": seconds}  # type: ignore[index]
+        print(f"  {k} processes (cold): {seconds:.3f} s", file=sys.stderr, flush=True)
+        shutil.rmtree(warm_out, ignore_errors=True)
+    for s in series:
+        shutil.rmtree(s, ignore_errors=True)
+    return result
+
+
+def print_report(info: dict, rows: dict, scale: dict | None) -> None:
     print(
-        f"\n{result['count']} x {result['size_mb']} MB BF16 ({result['input_bytes'] / 1e9:.2f} GB read, "
-        f"{result['tensors_per_checkpoint']} tensors per checkpoint)"
+        f"{info['machine']}; Python {info['python']}; numba {info['numba']}; series on {info['dir']}, "
+        f"warm outputs in {info['warm_out']}"
     )
-    header = (
-        f"{'':30} {'wall s':>7} {'pass s':>7} {'GB/s':>6} {'x read':>6} {'naive/x':>7} {'script/x':>8} "
-        f"{'peak anon RSS':>13}"
+    print(
+        f"\n{info['count']} x {info['size_mb']} MB BF16 ({info['bytes'] / 1e9:.2f} GB read, {info['tensors']} tensors per checkpoint)"
     )
+    header = f"{'':34} {'s':>7} {'GB/s':>6} {'x cat':>6} {'x read':>6} {'peak anon RSS':>13}"
     print(header)
     print("-" * len(header))
-    for label, row in rows.items():
-        rss = f"{row['peak_rss'] / 2**20:10.0f} MB" if row.get("peak_rss") is not None else ""
-        if label == "startup":
-            print(
-                f"{'startup (ckpt-ema plan)':30} {row['seconds']:7.3f} {'':>7} {'':>6} {'':>6} {'':>7} {'':>8} {rss:>13}"
-            )
+    size = info["bytes"]
+    for label, r in rows.items():
+        seconds = r["seconds"]
+        rss = f"{r['peak_rss'] / 2**20:10.0f} MB" if r.get("peak_rss") else ""
+        if label in ("ckpt-ema --help", "ckpt-ema plan"):
+            print(f"{label:34} {seconds:7.3f} {'':>6} {'':>6} {'':>6} {rss:>13}")
             continue
-        pass_s = row.get("pass_seconds", row["seconds"])
+        cat = rows.get(f"cat ({r['mode']})", {}).get("seconds")
+        x_cat = f"{seconds / cat:6.2f}" if cat else ""
+        x_read = f"{seconds / rows['read (warm)']['seconds']:6.2f}" if r["mode"] == "warm" else ""
+        print(f"{label:34} {seconds:7.3f} {size / seconds / 1e9:6.2f} {x_cat:>6} {x_read:>6} {rss:>13}")
+
+    def ratio(a: str, b: str) -> str:
+        return f"{rows[a]['seconds'] / rows[b]['seconds']:.2f}" if a in rows and b in rows else "-"
+
+    def share(a: str, b: str) -> str:  # how much of a's time b saves
+        return f"{100 * (1 - rows[b]['seconds'] / rows[a]['seconds']):.0f}%" if a in rows and b in rows else "-"
+
+    read = rows["read (warm)"]["seconds"]
+    if "ckpt-ema 1 (warm)" in rows:
         print(
-            f"{label:30} {row['seconds']:7.3f} {pass_s:7.3f} {row['gb_per_s']:6.2f} {row['x_read']:6.1f} "
-            f"{row['naive_x']:7.2f} {row['script_x']:8.2f} {rss:>13}"
+            f"warm: 4 targets / 1 = {ratio('ckpt-ema 4 (warm)', 'ckpt-ema 1 (warm)')}, 16 / 1 = "
+            f"{ratio('ckpt-ema 16 (warm)', 'ckpt-ema 1 (warm)')}; 1 target at "
+            f"{read / rows['ckpt-ema 1 (warm)']['seconds']:.2f} of read speed "
+            f"({read / rows['ckpt-ema 1 --no-hash (warm)']['seconds']:.2f} with --no-hash); "
+            f"the hash is {share('ckpt-ema 1 (warm)', 'ckpt-ema 1 --no-hash (warm)')} of the 1-target wall time"
         )
-    print(
-        f"4 targets / 1 target: ckpt-ema pass {result['four_over_one']:.2f}"
-        f" (--no-hash {result['four_over_one_no_hash']:.2f})",
-        end="",
-    )
-    for kernel, ratio in result["engine_four_over_one"].items():
-        print(f", engine {kernel} {ratio:.2f}", end="")
-    print()
+    if "ckpt-ema 1 (cold)" in rows:
+        print(
+            f"cold: 1 target = {ratio('ckpt-ema 1 (cold)', 'cat (cold)')} x cat, 4 targets = "
+            f"{ratio('ckpt-ema 4 (cold)', 'cat (cold)')} x cat, 16 = {ratio('ckpt-ema 16 (cold)', 'cat (cold)')} x cat; "
+            f"4 / 1 = {ratio('ckpt-ema 4 (cold)', 'ckpt-ema 1 (cold)')}; the hash is "
+            f"{share('ckpt-ema 1 (cold)', 'ckpt-ema 1 --no-hash (cold)')} of the 1-target wall time"
+        )
+    if scale:
+        print("\nscale (warm, default hash): wall seconds by series bytes and targets")
+        print(f"{'series':>22} {'1 target':>9} {'4':>7} {'16':>7}")
+        big = [rows.get(f"ckpt-ema {n} (warm)", {}).get("seconds") for n in (1, 4, 16)]
+        small = [scale["rows"][f"ckpt-ema {n}"]["seconds"] for n in (1, 4, 16)]
+        for label, values in ((f"{scale['bytes'] / 1e9:.2f} GB", small), (f"{size / 1e9:.2f} GB", big)):
+            print(f"{label:>22} " + " ".join(f"{v:7.3f}" if v else "      -" for v in values))
+        one, two = scale["rows"]["1 processes"]["seconds"], scale["rows"]["2 processes"]["seconds"]
+        print(
+            f"processes each merging its own {scale['bytes'] / 1e9:.2f} GB series at once (cold): 1: {one:.3f} s, "
+            f"2: {two:.3f} s -> {2 * one / two:.2f}x the throughput of one"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=int, default=512, help="checkpoint size in MB (default 512)")
+    parser.add_argument("--count", type=int, default=8, help="checkpoints in the series (default 8)")
+    parser.add_argument("--repeat", type=int, default=2, help="repetitions of warm rows; the best is kept (default 2)")
     parser.add_argument(
-        "--size-mb", default="128,256", help="checkpoint sizes in MB, comma-separated (default 128,256)"
+        "--dir", type=Path, help="where to write the series: a disk, for the cold rows (default TMPDIR)"
     )
-    parser.add_argument("--count", type=int, default=8, help="checkpoints per series (default 8)")
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions; the best is kept (default 3)")
-    parser.add_argument(
-        "--dir", type=Path, help="where to write the series (default: /dev/shm if it fits, else TMPDIR)"
-    )
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold rows (e.g. when --dir is a tmpfs)")
+    parser.add_argument("--no-scale", action="store_true", help="skip the scale table")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--merge-args", default="", help="extra arguments for every ckpt-ema merge run")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.size_mb.split(",") if s]
-    needed = args.count * max(sizes) * (1 << 20) * 3.5  # series + 1 + 4 outputs
-    base = args.dir
-    if base is None:
-        shm = Path("/dev/shm")
-        base = shm if shm.is_dir() and shutil.disk_usage(shm).free > 2 * needed else None
-    results = []
-    with tempfile.TemporaryDirectory(prefix="ckpt-ema-bench-", dir=base) as tmp:
-        for size in sizes:
-            results.append(bench_size(Path(tmp), args.count, size, args.repeat, args.merge_args.split()))
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; folder {base or tempfile.gettempdir()}"
-    )
-    for result in results:
-        print_table(result)
-    if len(results) > 1:
-        speeds = ", ".join(f"{r['size_mb']} MB: {r['rows']['ckpt-ema 1 target']['gb_per_s']:.2f} GB/s" for r in results)
-        print(f"\nlinearity (1 target): {speeds}")
+    sys.path.insert(0, str(ROOT))
+    from ckpt_ema.engine import fused
+
+    size = args.count * args.size_mb << 20
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(prefix="ckpt-ema-bench-", dir=args.dir) as tmp:
+        folder = Path(tmp)
+        shm_ok = shm.is_dir() and shutil.disk_usage(shm).free > 4 * size
+        warm_out = Path(tempfile.mkdtemp(prefix="ckpt-ema-bench-out-", dir=shm if shm_ok else folder))
+        try:
+            series = folder / "series"
+            print(f"generating {args.count} x {args.size_mb} MB BF16 checkpoints in {series} ...", file=sys.stderr)
+            paths = make_series(series, args.count, args.size_mb << 20)
+            info = {
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                "python": platform.python_version(),
+                "numba": _version("numba") if fused.AVAILABLE else "not installed",
+                "dir": str(folder),
+                "warm_out": str(warm_out),
+                "count": args.count,
+                "size_mb": args.size_mb,
+                "bytes": sum(p.stat().st_size for p in paths),
+                "tensors": len(layout(args.size_mb << 20)) + 1,
+            }
+            rows = main_table(series, paths, warm_out, folder / "out", args)
+            shutil.rmtree(series, ignore_errors=True)
+            scale = None if args.no_scale else scale_table(folder, args.count, args.size_mb, warm_out, args)
+        finally:
+            shutil.rmtree(warm_out, ignore_errors=True)
+    print_report(info, rows, scale)
     if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"info": info, "rows": rows, "scale": scale}, indent=2))
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 if __name__ == "__main__":
