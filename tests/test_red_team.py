@@ -571,7 +571,6 @@ def test_a_hostile_index_is_one_line(tmp_path, weight_map):
     assert "model.safetensors.index.json" in result.stdout + result.stderr
 
 
-@OPEN
 def test_an_f8_e4m3_tensor_with_nan_is_a_warning(tmp_path):
     inputs = make_series(tmp_path / "run", value=0.5, dtype=torch.float8_e4m3fn)
     state = load_file(inputs[2])
@@ -704,12 +703,10 @@ def _merge_many(tmp_path: Path, count: int, limit: int) -> None:
     assert torch.allclose(merged["w"], torch.full((16,), 0.25)) and merged["counter"].tolist() == [count]
 
 
-@OPEN
 def test_open_files_stay_bounded_with_a_long_series(tmp_path):
     _merge_many(tmp_path, 1000, 256)
 
 
-@OPEN
 @pytest.mark.slow
 def test_ten_thousand_checkpoints_with_ulimit_256(tmp_path):
     _merge_many(tmp_path, 10_000, 256)

@@ -28,7 +28,8 @@ from ckpt_ema.errors import InputError
 from ckpt_ema.io.identity import FileIdentity, check_unchanged
 
 ALIGN = 64  # each row of a buffer set starts on a cache line
-MAX_OPEN = 256  # files kept open by the readers (more checkpoints: opened per read)
+MAX_OPEN = 256  # files kept open by the readers (more checkpoints: opened per read), and at most a
+# quarter of the process's limit on open files
 _FADVISE = getattr(os, "posix_fadvise", None)  # bound once (POSIX only)
 
 
@@ -63,6 +64,16 @@ class SpanSchedule:
 
 
 OnRead = Callable[[int, int, memoryview], None]  # (file, offset, bytes just read)
+
+
+def _max_open() -> int:
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return MAX_OPEN
+    return MAX_OPEN if soft == resource.RLIM_INFINITY else max(4, min(MAX_OPEN, soft // 4))
 
 
 class _Files:
@@ -114,7 +125,7 @@ class _Files:
                 _FADVISE(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger read-ahead window
         with self._lock:
             self._checked.add(file)
-            if len(self._fds) < MAX_OPEN:
+            if len(self._fds) < _max_open():
                 self._fds[file] = fd
                 return fd, True
         return fd, False
