@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from ckpt_ema.errors import InputError
 from ckpt_ema.io.dcp import open_dcp, read_metadata
+from ckpt_ema.io.torch_edge import to_torch
 from ckpt_ema.output.dcp import DcpWriter, blob_template
 from ckpt_ema.plan.model import TensorPlan
 from tests.dcp_training import make_model, train
@@ -69,7 +70,7 @@ def test_reader_gives_the_saved_weights_and_lists_the_rest(nested_run: Path) -> 
         assert set(source.tensors) == set(truth)  # "model." prefix removed: the model's own names
         for name, tensor in truth.items():
             assert source.tensors[name].shape == tuple(tensor.shape)
-            assert torch.equal(source.flat(name), tensor.reshape(-1))
+            assert torch.equal(flat(source, name), tensor.reshape(-1))
         assert source.step_records == [("DCP 'train_state.step'", step)]
         ignored = {note.relpath: note.reason for note in source.ignored}
         assert ignored["optimizer.*"].startswith("optimizer state")
@@ -100,7 +101,7 @@ def test_truncated_data_file_is_an_error_naming_it(tmp_path: Path, nested_run: P
     source = open_dcp(folder)  # metadata only: fine
     with pytest.raises(InputError, match=r"__0_0\.distcp.*truncated"):
         for name in source.tensors:
-            source.flat(name)
+            flat(source, name)
 
 
 def test_writer_output_loads_with_dcp_load_and_unzips(tmp_path: Path) -> None:
@@ -227,7 +228,7 @@ def test_fsdp2_sharded_series_merges_like_float64_and_two_ranks_like_one(fsdp_ru
     source = open_dcp(fsdp_run / "step-20")
     assert source.format == "DCP folder (2 file(s), 2 rank(s), 6 sharded tensors)"
     for name, tensor in truth[1].items():  # assembled from the ranks' chunks
-        assert torch.equal(source.flat(name), tensor.reshape(-1)), name
+        assert torch.equal(flat(source, name), tensor.reshape(-1)), name
     run("merge", fsdp_run, "--sigma-rel", "0.2", "--decay", "0.95", "-o", tmp_path / "one")
     assert _rel(_load_output(tmp_path / "one" / "decay-0.95"), ema_reference(STEPS, truth, 0.95)) < 1e-6
     _torchrun("-m", "ckpt_ema", "merge", fsdp_run, "--sigma-rel", "0.2", "--decay", "0.95", "-o", tmp_path / "two")
@@ -242,3 +243,8 @@ def test_fsdp2_sharded_series_merges_like_float64_and_two_ranks_like_one(fsdp_ru
         one, two = _load_output(tmp_path / "one" / target), _load_output(folder)
         for name in one:
             assert torch.equal(one[name], two[name]), (target, name)
+
+
+def flat(source, name: str) -> torch.Tensor:
+    """The reader's 1-D numpy data of a tensor, as a torch tensor of its dtype."""
+    return to_torch(source.flat(name), source.tensors[name].dtype)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from ckpt_ema.errors import InputError
 from ckpt_ema.io.deepspeed import open_deepspeed
+from ckpt_ema.io.torch_edge import to_torch
 from tests.reference import assert_close, ema_reference, run
 
 deepspeed = pytest.importorskip("deepspeed")
@@ -76,7 +77,7 @@ def _check_fp32(run: Path, stage: int, ranks: int) -> None:
         assert set(source.tensors) == set(reference)
         for name, tensor in reference.items():
             assert source.tensors[name].dtype == "F32"
-            assert torch.equal(source.flat(name), tensor.contiguous().reshape(-1)), name
+            assert torch.equal(flat(source, name), tensor.contiguous().reshape(-1)), name
         source.close()
 
 
@@ -100,7 +101,7 @@ def test_module_weights_when_the_optimizer_partitions_are_gone(tmp_path: Path, z
     module = torch.load(folder / "mp_rank_00_model_states.pt", weights_only=False)["module"]  # trusted: ours
     for name, tensor in module.items():
         assert source.tensors[name].dtype == "BF16"
-        assert torch.equal(source.flat(name), tensor.reshape(-1))
+        assert torch.equal(flat(source, name), tensor.reshape(-1))
 
 
 @pytest.mark.slow
@@ -142,3 +143,8 @@ def test_merge_of_a_deepspeed_run_is_the_float64_ema_of_its_fp32_weights(zero2: 
     for name, expected in reference.items():
         assert merged[name].dtype == torch.float32
         assert_close(merged[name], expected)
+
+
+def flat(source, name: str) -> torch.Tensor:
+    """The reader's 1-D numpy data of a tensor, as a torch tensor of its dtype."""
+    return to_torch(source.flat(name), source.tensors[name].dtype)

@@ -38,11 +38,17 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from ckpt_ema.errors import InputError
 from ckpt_ema.io.source import CheckpointSource, FileNote, Part, TensorInfoLike, TensorMeta, WeightFile, dtype_name
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckpt_ema.io.lazy_torch import torch
 
 METADATA_NAME = ".metadata"
 DATA_FILE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
@@ -79,6 +85,7 @@ def is_dcp_folder(path: Path) -> bool:
 
 
 def _allowed_globals() -> dict[tuple[str, str], object]:
+    import torch  # the module itself (not the lazy stand-in): dir(torch) below lists its dtypes
     from torch.distributed.checkpoint import filesystem, metadata
 
     allowed: dict[tuple[str, str], object] = {
@@ -385,7 +392,13 @@ class DcpReader:
             flat = flat.clone().view(meta.dtype)
         return flat.as_strided(meta.shape, meta.stride())
 
-    def flat(self, name: str) -> torch.Tensor:
+    def flat(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a 1-D numpy array in its dtype's storage type (BF16 as uint16)."""
+        from ckpt_ema.io.torch_edge import to_numpy
+
+        return to_numpy(self._flat_torch(name))
+
+    def _flat_torch(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as 1-D in its stored dtype: a view for one chunk, else assembled from its chunks."""
         tensor = self.tensors[name]
         if len(tensor.chunks) == 1:

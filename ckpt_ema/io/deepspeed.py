@@ -35,13 +35,18 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from ckpt_ema.errors import InputError
 from ckpt_ema.io.source import CheckpointSource, FileNote, Part, TensorInfoLike, TensorMeta, WeightFile, dtype_name
 from ckpt_ema.io.torch_pickle import load_pickle
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckpt_ema.io.lazy_torch import torch
 
 MODEL_STATES = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$")
 OPTIM_STATES = re.compile(r"^(?:(?:bf16|fp16|fp32)_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
@@ -314,7 +319,13 @@ class _Open:
                 self._groups.append(list(optimizer[key]))
         return self._groups
 
-    def flat(self, name: str) -> torch.Tensor:
+    def flat(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a 1-D numpy array in its dtype's storage type (BF16 as uint16)."""
+        from ckpt_ema.io.torch_edge import to_numpy
+
+        return to_numpy(self._flat_torch(name))
+
+    def _flat_torch(self, name: str) -> torch.Tensor:
         layout = self.layout
         if name in layout.shared and name not in layout.slots:
             name = layout.shared[name]  # a tied parameter: the values of the one it is tied to

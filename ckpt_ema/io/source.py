@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -50,6 +50,13 @@ class TensorMeta:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+def dtype_name(dtype: Any) -> str | None:
+    """The safetensors name of a torch dtype (``torch.bfloat16`` -> ``"BF16"``); see ``io/torch_edge.py``."""
+    from ckpt_ema.io.torch_edge import dtype_name as name
+
+    return name(dtype)
 
 
 class TensorInfoLike(Protocol):

@@ -32,13 +32,18 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from ckpt_ema.errors import OutputError
-from ckpt_ema.io.safetensors_format import DTYPES
 from ckpt_ema.output.writer import TEMP_MARKER, WriteOptions, remove_stale_temps, write_json_atomic
 from ckpt_ema.plan.model import TensorPlan
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ckpt_ema.io.lazy_torch import torch
 
 METADATA_NAME = ".metadata"
 PROVENANCE_NAME = "ckpt_ema.json"
@@ -165,7 +170,7 @@ class DcpDataFile:
         """Start the next tensor (finishing empty ones at once: they have no data to wait for)."""
         while self._index < len(self._tensors):
             tensor = self._tensors[self._index]
-            self._template = blob_template(tensor.shape, DTYPES[tensor.out_dtype][0])
+            self._template = blob_template(tensor.shape, torch_dtype(tensor.out_dtype))
             self._blob_start = self._file.tell()
             self._write(self._template.head)
             self._written, self._crc = 0, 0
@@ -180,11 +185,11 @@ class DcpDataFile:
             self.abort()
             raise OutputError(f"{self.path}: write failed ({exc.strerror or exc})") from None
 
-    def write(self, name: str, data: torch.Tensor) -> None:
-        """Append (part of) tensor ``name``; ``data`` is contiguous in the output dtype."""
+    def write(self, name: str, data: np.ndarray) -> None:
+        """Append (part of) tensor ``name``; ``data`` is in the output dtype's storage type."""
         if self._index >= len(self._tensors) or name != self._tensors[self._index].name:
             raise RuntimeError(f"tensor {name!r} written out of order")
-        view = memoryview(data.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+        view = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
         self._write(view)
         self._crc = zlib.crc32(view, self._crc)
         if self.digest is not None:
@@ -265,7 +270,7 @@ def build_metadata(stored: Sequence[StoredTensor], checkpoint_id: str) -> object
         zeros = torch.Size([0] * len(item.shape))
         size = torch.Size(item.shape)
         state_dict_metadata[item.name] = TensorStorageMetadata(
-            TensorProperties(dtype=DTYPES[item.dtype][0]), size, [ChunkStorageMetadata(zeros, size)]
+            TensorProperties(dtype=torch_dtype(item.dtype)), size, [ChunkStorageMetadata(zeros, size)]
         )
         storage_data[MetadataIndex(item.name, zeros, 0)] = _StorageInfo(item.relpath, item.offset, item.length)
     return Metadata(
@@ -329,7 +334,7 @@ class DcpWriter:
             self.abort()
             raise
 
-    def write(self, name: str, data: torch.Tensor) -> None:
+    def write(self, name: str, data: np.ndarray) -> None:
         assert self._data is not None
         self._data.write(name, data)
 
@@ -385,3 +390,10 @@ def verify_data_file(data: DcpDataFile, digest: bytes) -> None:
                 left -= len(block)
     if read_back.digest() != digest:
         raise OutputError(f"{data.path}: --verify: the data read back differs from the data written")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (imports torch)."""
+    from ckpt_ema.io.torch_edge import TORCH_DTYPES
+
+    return TORCH_DTYPES[name]
