@@ -84,39 +84,71 @@ def is_dcp_folder(path: Path) -> bool:
 # --- .metadata: a pickle, read with an allow-list of the classes DCP writes ------------------------------
 
 
-def _allowed_globals() -> dict[tuple[str, str], object]:
-    import torch  # the module itself (not the lazy stand-in): dir(torch) below lists its dtypes
-    from torch.distributed.checkpoint import filesystem, metadata
+class _Record:
+    """A DCP metadata object read as plain data: its pickled state becomes attributes; no torch code runs.
 
-    allowed: dict[tuple[str, str], object] = {
-        ("torch", "Size"): torch.Size,
-        ("torch", "strided"): torch.strided,
-        ("torch.serialization", "_get_layout"): _layout,
-        # StorageMeta.checkpoint_id: the path the checkpoint was saved to (kept as a pure path)
-        ("pathlib", "PosixPath"): pathlib.PurePosixPath,
-        ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
-        ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
-        ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
-        ("collections", "OrderedDict"): __import__("collections").OrderedDict,
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): filesystem._StorageInfo,
-        ("torch.distributed.checkpoint.filesystem", "_StoragePrefix"): filesystem._StoragePrefix,
-    }
-    for name in (
-        "Metadata",
-        "MetadataIndex",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "StorageMeta",
-        "_MEM_FORMAT_ENCODING",
-    ):
-        allowed[("torch.distributed.checkpoint.metadata", name)] = getattr(metadata, name)
-    for name in dir(torch):
-        value = getattr(torch, name, None)
-        if isinstance(value, (torch.dtype, torch.memory_format, torch.layout)):
-            allowed[("torch", name)] = value
-    return allowed
+    Stands in for torch's dataclasses of the same name, so that reading needs neither their code nor the
+    import of ``torch.distributed.checkpoint`` (about 1.5 s).
+    """
+
+    def __setstate__(self, state: object) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and all(isinstance(s, (dict, type(None))) for s in state):
+            state = {**(state[0] or {}), **(state[1] or {})}  # (__dict__, __slots__ state)
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"unexpected state for {type(self).__name__}")
+        self.__dict__.update(state)
+
+
+class Metadata(_Record):
+    state_dict_metadata: dict[str, object]
+    storage_data: dict[object, object]
+    planner_data: object = None
+
+
+class TensorStorageMetadata(_Record):
+    properties: TensorProperties
+    size: tuple[int, ...]
+    chunks: list[ChunkStorageMetadata]
+
+
+class BytesStorageMetadata(_Record):
+    pass
+
+
+class ChunkStorageMetadata(_Record):
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+class TensorProperties(_Record):
+    dtype: torch.dtype
+
+    def __setstate__(self, state: object) -> None:
+        if isinstance(state, tuple) and state and isinstance(state[0], torch.dtype):
+            self.dtype = state[0]  # torch pickles (dtype, layout, requires_grad, memory format, pin_memory)
+        else:
+            super().__setstate__(state)
+
+
+class StorageMeta(_Record):
+    pass
+
+
+class MetadataIndex(_Record):
+    fqn: str
+    offset: tuple[int, ...] | None = None
+
+
+class StorageInfo(_Record):
+    relative_path: str
+    offset: int
+    length: int
+    transform_descriptors: list[str] | None = None
+
+
+def _enum_value(value: int) -> int:
+    """Stands in for ``_MEM_FORMAT_ENCODING(value)`` (how a memory format was pickled)."""
+    return value
 
 
 def _layout(name: str) -> torch.layout:
@@ -127,16 +159,48 @@ def _layout(name: str) -> torch.layout:
     return layout
 
 
+_METADATA = "torch.distributed.checkpoint.metadata"
+_FILESYSTEM = "torch.distributed.checkpoint.filesystem"
+ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
+    **{
+        (_METADATA, cls.__name__): cls
+        for cls in (
+            Metadata,
+            TensorStorageMetadata,
+            BytesStorageMetadata,
+            ChunkStorageMetadata,
+            TensorProperties,
+            StorageMeta,
+            MetadataIndex,
+        )
+    },
+    (_METADATA, "_MEM_FORMAT_ENCODING"): _enum_value,
+    (_FILESYSTEM, "_StorageInfo"): StorageInfo,
+    (_FILESYSTEM, "_StoragePrefix"): _Record,
+    ("torch", "Size"): tuple,
+    ("torch.serialization", "_get_layout"): _layout,
+    ("collections", "OrderedDict"): dict,
+    # StorageMeta.checkpoint_id: the path the checkpoint was saved to (kept as a pure path)
+    ("pathlib", "PosixPath"): pathlib.PurePosixPath,
+    ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+    ("pathlib", "WindowsPath"): pathlib.PureWindowsPath,
+    ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
+}
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """Rebuilds DCP's metadata dataclasses and nothing else: any other global is refused."""
+    """Rebuilds DCP's metadata as plain records and nothing else: any other global is refused."""
 
     def __init__(self, file: io.BufferedIOBase, path: Path) -> None:
         super().__init__(file)
         self.path = path
-        self.allowed = _allowed_globals()
 
     def find_class(self, module: str, name: str) -> object:
-        found = self.allowed.get((module, name))
+        found = ALLOWED_GLOBALS.get((module, name))
+        if found is None and module == "torch":  # dtypes, layouts and memory formats only
+            value = getattr(torch, name, None)
+            if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+                found = value
         if found is None:
             raise InputError(
                 f"{self.path}: refused: the DCP metadata asks for {module}.{name}, which a "
@@ -148,7 +212,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise InputError(f"{self.path}: not a DCP .metadata file (it refers to external objects)")
 
 
-def read_metadata(folder: Path) -> object:
+def read_metadata(folder: Path) -> Metadata:
     """The ``Metadata`` of a DCP folder, unpickled with the allow-list (no code from the file runs)."""
     path = folder / METADATA_NAME
     try:
@@ -163,16 +227,24 @@ def read_metadata(folder: Path) -> object:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
     except Exception as exc:  # a truncated or foreign pickle: any unpickling error
         raise InputError(f"{path}: not a readable DCP .metadata file ({type(exc).__name__}: {exc})") from None
-    from torch.distributed.checkpoint.metadata import Metadata
-
-    if not isinstance(loaded, Metadata) or not isinstance(loaded.state_dict_metadata, dict):
+    if not isinstance(loaded, Metadata) or not isinstance(getattr(loaded, "state_dict_metadata", None), dict):
         raise InputError(f"{path}: not a DCP .metadata file (holds a {type(loaded).__name__})")
-    if not isinstance(loaded.storage_data, dict):
+    if not isinstance(getattr(loaded, "storage_data", None), dict):
         raise InputError(
-            f"{path}: its storage_data is a {type(loaded.storage_data).__name__}; only checkpoints written "
-            "by the file-system writer (dcp.save to a folder) can be read"
+            f"{path}: its storage_data is a {type(getattr(loaded, 'storage_data', None)).__name__}; only "
+            "checkpoints written by the file-system writer (dcp.save to a folder) can be read"
         )
     return loaded
+
+
+def _storage(metadata: Metadata) -> dict[tuple[str, tuple[int, ...] | None], StorageInfo]:
+    """``storage_data`` by (fqn, chunk offsets); offsets None for a non-tensor entry."""
+    result = {}
+    for key, info in metadata.storage_data.items():
+        if isinstance(key, MetadataIndex) and isinstance(info, StorageInfo):
+            offset = getattr(key, "offset", None)
+            result[(key.fqn, tuple(offset) if offset is not None else None)] = info
+    return result
 
 
 # --- which entries are model weights, and their names -------------------------------------------------
@@ -215,13 +287,10 @@ class DcpTensor:
     chunks: tuple[Chunk, ...]
 
 
-def model_tensors(folder: Path, metadata: object) -> tuple[dict[str, DcpTensor], list[FileNote], list[str]]:
+def model_tensors(folder: Path, metadata: Metadata) -> tuple[dict[str, DcpTensor], list[FileNote], list[str]]:
     """The model tensors of a DCP checkpoint by normalised name, what is ignored (and why), and notes."""
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
-    entries: Mapping[str, object] = metadata.state_dict_metadata  # type: ignore[attr-defined]
-    storage: Mapping[object, object] = metadata.storage_data  # type: ignore[attr-defined]
-    where = {(getattr(k, "fqn", None), tuple(getattr(k, "offset", None) or ())): v for k, v in storage.items()}
+    entries: Mapping[str, object] = metadata.state_dict_metadata
+    where = _storage(metadata)
     tensor_keys = [k for k, v in entries.items() if isinstance(v, TensorStorageMetadata)]
     # torchtitan / get_state_dict layouts: {"model": ..., "optimizer": ...}; a Hugging Face model saved flat
     # also has "model." keys (model.layers.0...) but lm_head beside them: then nothing is stripped
@@ -257,7 +326,7 @@ def model_tensors(folder: Path, metadata: object) -> tuple[dict[str, DcpTensor],
                 raise InputError(f"{folder / METADATA_NAME}: no storage recorded for {fqn!r} at {list(offsets)}")
             if getattr(info, "transform_descriptors", None):
                 raise InputError(
-                    f"{folder}: {fqn!r} is stored with transforms {list(info.transform_descriptors)} "  # type: ignore[attr-defined]
+                    f"{folder}: {fqn!r} is stored with transforms {list(info.transform_descriptors or [])} "
                     "(e.g. compression), which ckpt-ema does not read; save without _extensions"
                 )
             if (
@@ -266,7 +335,7 @@ def model_tensors(folder: Path, metadata: object) -> tuple[dict[str, DcpTensor],
                 or any(o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, shape))
             ):
                 raise InputError(f"{folder}: chunk {list(offsets)} {list(sizes)} of {fqn!r} lies outside {list(shape)}")
-            chunks.append(Chunk(offsets, sizes, str(info.relative_path), int(info.offset), int(info.length)))  # type: ignore[attr-defined]
+            chunks.append(Chunk(offsets, sizes, str(info.relative_path), int(info.offset), int(info.length)))
         if sum(c.numel for c in chunks) != math.prod(shape):
             raise InputError(
                 f"{folder}: the chunks of {fqn!r} hold {sum(c.numel for c in chunks)} values, its shape "
@@ -422,34 +491,26 @@ class DcpReader:
         self._files.clear()
 
 
-def read_object(folder: Path, metadata: object, fqn: str) -> object:
-    """A small non-tensor entry (e.g. ``train_state.step``), loaded with ``weights_only=True``."""
-    from torch.distributed.checkpoint.metadata import MetadataIndex
-
-    storage: Mapping[object, object] = metadata.storage_data  # type: ignore[attr-defined]
-    info = storage.get(MetadataIndex(fqn)) or storage.get(MetadataIndex(fqn, ()))
-    if info is None:
+def _load_entry(folder: Path, info: StorageInfo | None) -> object:
+    """A small stored entry (a pickled object or a scalar tensor), loaded with ``weights_only=True``."""
+    if info is None or info.length > 1 << 20:
         return None
-    path = folder / info.relative_path  # type: ignore[attr-defined]
     try:
-        with open(path, "rb") as f:
-            if info.length > 1 << 20:  # type: ignore[attr-defined]
-                return None
-            return torch.load(_FileView(f, info.offset, info.length), weights_only=True)  # type: ignore[attr-defined,arg-type]
+        with open(folder / info.relative_path, "rb") as f:
+            return torch.load(_FileView(f, info.offset, info.length), weights_only=True)  # type: ignore[arg-type]
     except Exception:
         return None
 
 
-def _step_record(folder: Path, metadata: object) -> tuple[str, int] | None:
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
-    entries: Mapping[str, object] = metadata.state_dict_metadata  # type: ignore[attr-defined]
+def _step_record(folder: Path, metadata: Metadata) -> tuple[str, int] | None:
+    """The trainer's step (torchtitan's ``train_state.step``: a pickled int or a scalar tensor)."""
+    where = _storage(metadata)
     for key in STEP_KEYS:
-        entry = entries.get(key)
+        entry = metadata.state_dict_metadata.get(key)
         if isinstance(entry, BytesStorageMetadata):
-            value = read_object(folder, metadata, key)
-        elif isinstance(entry, TensorStorageMetadata) and math.prod(entry.size) == 1:
-            value = _read_scalar(folder, metadata, key)
+            value = _load_entry(folder, where.get((key, None)))
+        elif isinstance(entry, TensorStorageMetadata) and math.prod(entry.size) == 1 and entry.chunks:
+            value = _load_entry(folder, where.get((key, tuple(entry.chunks[0].offsets))))
         else:
             continue
         if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
@@ -457,19 +518,6 @@ def _step_record(folder: Path, metadata: object) -> tuple[str, int] | None:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return f"DCP {key!r}", value
     return None
-
-
-def _read_scalar(folder: Path, metadata: object, fqn: str) -> object:
-    entry = metadata.state_dict_metadata[fqn]  # type: ignore[attr-defined]
-    offsets = tuple(int(o) for o in entry.chunks[0].offsets)
-    chunk_info = {(k.fqn, tuple(k.offset or ())): v for k, v in metadata.storage_data.items()}.get((fqn, offsets))  # type: ignore[attr-defined]
-    if chunk_info is None:
-        return None
-    try:
-        with open(folder / chunk_info.relative_path, "rb") as f:
-            return torch.load(_FileView(f, chunk_info.offset, chunk_info.length), weights_only=True)  # type: ignore[arg-type]
-    except Exception:
-        return None
 
 
 def open_dcp(path: Path) -> CheckpointSource:
@@ -480,7 +528,10 @@ def open_dcp(path: Path) -> CheckpointSource:
     chunks from every file (a sharded tensor's chunks are in several).
     """
     metadata = read_metadata(path)
-    tensors, ignored, notes = model_tensors(path, metadata)
+    try:
+        tensors, ignored, notes = model_tensors(path, metadata)
+    except (AttributeError, TypeError, ValueError) as exc:  # records of the right classes, wrong contents
+        raise InputError(f"{path / METADATA_NAME}: malformed DCP metadata ({type(exc).__name__}: {exc})") from None
     if not tensors:
         raise InputError(
             f"{path}: the DCP checkpoint holds no model weights (only {', '.join(n.relpath for n in ignored) or 'nothing'})"
