@@ -248,3 +248,30 @@ def test_fsdp2_sharded_series_merges_like_float64_and_two_ranks_like_one(fsdp_ru
 def flat(source, name: str) -> torch.Tensor:
     """The reader's 1-D numpy data of a tensor, as a torch tensor of its dtype."""
     return to_torch(source.flat(name), source.tensors[name].dtype)
+
+
+@pytest.mark.slow
+def test_sharded_tensors_are_merged_chunk_by_chunk_never_assembled(
+    fsdp_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckpt_ema.io import dcp as dcp_reader
+    from ckpt_ema.io.source import CheckpointSource
+
+    source = open_dcp(fsdp_run / "step-10")
+    assert source.pieces("0.weight") == [0, 17 * 8, 33 * 8]  # FSDP2 on 2 ranks: rows 0-16 and 17-32
+    assert source.pieces("4.bias") == [0, 2, 3]  # 3 values: 2 on rank 0, 1 on rank 1
+
+    assembled = dcp_reader.DcpReader._flat_torch
+
+    def no_assembly(self: dcp_reader.DcpReader, name: str) -> torch.Tensor:
+        assert len(self.tensors[name].chunks) == 1, f"{name} was assembled"
+        return assembled(self, name)
+
+    monkeypatch.setattr(dcp_reader.DcpReader, "_flat_torch", no_assembly)
+    run("merge", fsdp_run, "--decay", "0.9", "-o", tmp_path / "pieces", "--no-hash")
+    monkeypatch.undo()
+    monkeypatch.setattr(CheckpointSource, "pieces", lambda self, name: None)  # whole tensors, assembled
+    run("merge", fsdp_run, "--decay", "0.9", "-o", tmp_path / "assembled", "--no-hash")
+    pieces, whole = _load_output(tmp_path / "pieces"), _load_output(tmp_path / "assembled")
+    for name in whole:
+        assert torch.equal(pieces[name], whole[name]), name

@@ -38,7 +38,7 @@ import ctypes
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -256,6 +256,10 @@ class MergePass:
         span: _Located | None = None
         for tensor in self.tensors:
             numel = math.prod(tensor.shape)
+            if tensor.is_float and numel and self._piece_bounds(tensor) is not None:
+                span = None
+                segments.append(("pieces", tensor))  # a sharded DCP tensor: merged chunk by chunk
+                continue
             found = [self._locate(j, tensor.name) for j in self.used_inputs] if tensor.is_float and numel else []
             where = [w for w in found if w is not None]
             if where and len(where) == len(found):
@@ -332,6 +336,12 @@ class MergePass:
                         yield self._bytes_read(tensor)
                     continue
                 tensor = item
+                if kind == "pieces":
+                    yield from self._flush(span)
+                    span = _Span()
+                    self._merge_pieces(tensor)
+                    yield self._bytes_read(tensor)
+                    continue
                 if kind == "flat":
                     views = [self.plan.checkpoints[j].source.flat(tensor.name) for j in self.used_inputs]
                     if not span.extends(tensor, views) or span.numel + math.prod(tensor.shape) > SPAN_LIMIT:
@@ -361,6 +371,28 @@ class MergePass:
 
     def _bytes_read(self, tensor: TensorPlan) -> int:
         return _tensor_bytes_read(self.plan, tensor, self.used_inputs)
+
+    def _piece_bounds(self, tensor: TensorPlan) -> list[int] | None:
+        """Flat offsets where some used checkpoint stores ``tensor`` in separate pieces (a sharded DCP tensor):
+        the union of every checkpoint's boundaries, so that each piece is one view in every checkpoint."""
+        found: set[int] = set()
+        for j in self.used_inputs:
+            found.update(self.plan.checkpoints[j].source.pieces(tensor.name) or ())
+        if not found:
+            return None
+        return sorted(found | {0, math.prod(tensor.shape)})
+
+    def _merge_pieces(self, tensor: TensorPlan) -> None:
+        """Merge ``tensor`` piece by piece: memory holds one piece per checkpoint, never the whole tensor.
+        The sums are those of a whole-tensor pass (they do not depend on where a tensor is cut)."""
+        bounds = self._piece_bounds(tensor) or [0, math.prod(tensor.shape)]
+        for start, stop in zip(bounds, bounds[1:]):
+            if stop <= start:
+                continue
+            views = [self.plan.checkpoints[j].source.flat_range(tensor.name, start, stop) for j in self.used_inputs]
+            piece = _Span()
+            piece.add(replace(tensor, shape=(stop - start,)), views)
+            self._merge_span(piece)
 
     def _copy_newest(self, tensor: TensorPlan) -> None:
         newest = len(self.plan.checkpoints) - 1

@@ -15,8 +15,9 @@ How it is read here, without running any pickle code: ``.metadata`` goes through
 knows the DCP metadata classes (and ``torch.Size``, dtypes); each chunk's ``torch.save`` blob is opened with
 ``torch.load(weights_only=True, map_location="meta")``, which reads only its small header and pickle and
 gives where the data record starts; the data is then a zero-copy view of a read-only mapping of the file,
-exactly like a safetensors tensor. A tensor stored in one chunk costs no copy; a sharded tensor is assembled
-from its chunks into one buffer (one tensor at a time, so memory is bounded by the largest tensor).
+exactly like a safetensors tensor. A tensor stored in one chunk costs no copy; a tensor sharded on dim 0
+(FSDP2) is merged chunk by chunk (:func:`pieces`, ``CheckpointSource.flat_range``), each chunk a view;
+other shardings are assembled from their chunks into one buffer, one tensor at a time.
 
 Only model weights are averaged: entries under ``optimizer``, ``dataloader``, ``lr_scheduler``,
 ``train_state`` ... and non-tensor entries are listed as ignored. Keys are normalised: torchtitan's
@@ -410,6 +411,20 @@ def locate_blob(file: io.BufferedReader, offset: int, length: int, where: str) -
     return offset + start + int(meta.storage_offset()) * meta.element_size(), meta
 
 
+def pieces(tensor: DcpTensor) -> list[int] | None:
+    """Flat offsets ``[0, ..., numel]`` of a tensor's chunks when each is a run of whole rows (sharded on dim 0,
+    as FSDP2 shards every parameter), so each is one contiguous piece of the flat tensor; else None."""
+    if len(tensor.chunks) < 2 or not tensor.shape:
+        return None
+    row = math.prod(tensor.shape[1:])
+    bounds = [0]
+    for chunk in tensor.chunks:  # sorted by offsets
+        if chunk.sizes[1:] != tensor.shape[1:] or any(chunk.offsets[1:]) or chunk.offsets[0] * row != bounds[-1]:
+            return None
+        bounds.append((chunk.offsets[0] + chunk.sizes[0]) * row)
+    return bounds if bounds[-1] == math.prod(tensor.shape) else None
+
+
 class DcpReader:
     """``flat(name)`` for one DCP checkpoint: chunks as views of read-only mappings of the ``.distcp`` files."""
 
@@ -466,6 +481,20 @@ class DcpReader:
         from ckpt_ema.io.torch_edge import to_numpy
 
         return to_numpy(self._flat_torch(name))
+
+    def flat_range(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements ``[start, stop)`` of tensor ``name``: a view of the chunk holding them (see :func:`pieces`)."""
+        from ckpt_ema.io.torch_edge import to_numpy
+
+        tensor = self.tensors[name]
+        bounds = pieces(tensor)
+        if bounds is not None:
+            for chunk, low, high in zip(tensor.chunks, bounds, bounds[1:]):
+                if low <= start and stop <= high:
+                    view = self.chunk(tensor, chunk)
+                    flat = view.reshape(-1) if view.is_contiguous() else view.contiguous().reshape(-1)
+                    return to_numpy(flat[start - low : stop - low])
+        return self.flat(name)[start:stop]
 
     def _flat_torch(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as 1-D in its stored dtype: a view for one chunk, else assembled from its chunks."""
@@ -547,7 +576,15 @@ def open_dcp(path: Path) -> CheckpointSource:
     for name, tensor in tensors.items():
         by_file[tensor.chunks[0].relpath][name] = TensorMeta(tensor.dtype, tensor.shape)
     weight_files = [  # also the files holding only later chunks: their bytes are read (and hashed) too
-        WeightFile(relpath, path / relpath, infos, {}, lambda: DcpReader(path, tensors), sizes[relpath])
+        WeightFile(
+            relpath,
+            path / relpath,
+            infos,
+            {},
+            lambda: DcpReader(path, tensors),
+            sizes[relpath],
+            pieces=lambda name: pieces(tensors[name]),
+        )
         for relpath, infos in by_file.items()
     ]
     ranks = {int(m.group(1)) for m in map(DATA_FILE.match, data_files) if m}

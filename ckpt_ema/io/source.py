@@ -9,10 +9,10 @@ one shard at a time (the plan orders tensors file by file to make that a single 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -83,6 +83,13 @@ class OpenFile(Protocol):
     def flat(self, name: str) -> np.ndarray: ...
 
 
+@runtime_checkable
+class RangeFile(OpenFile, Protocol):
+    """An open file that reads part of a tensor without assembling it (a sharded DCP tensor's chunk)."""
+
+    def flat_range(self, name: str, start: int, stop: int) -> np.ndarray: ...
+
+
 @dataclass
 class WeightFile:
     """One file of weights: its path relative to the checkpoint, its tensors (stored names) and metadata.
@@ -100,6 +107,9 @@ class WeightFile:
     open: Callable[[], OpenFile]
     size: int
     identity: FileIdentity | None = None
+    # Formats that store a tensor in separate contiguous pieces (a DCP tensor sharded on dim 0): the flat
+    # element offsets [0, ..., numel] of a stored name's pieces, or None when it is one piece.
+    pieces: Callable[[str], Sequence[int] | None] | None = None
 
 
 @dataclass
@@ -213,12 +223,32 @@ class CheckpointSource:
         """Tensor ``name`` as a 1-D numpy array in its dtype's storage type (BF16 as uint16, see
         ``safetensors_format.DTYPES``); opens its file, closing the previous one."""
         number, stored = self._where[name]
+        return self._opened(number).flat(stored)
+
+    def _opened(self, number: int) -> OpenFile:
         if number != self._open_number:
             self._open = None  # drop the previous file's mapping before opening the next
             self._open = self._files[number].open()
             self._open_number = number
         assert self._open is not None
-        return self._open.flat(stored)
+        return self._open
+
+    def pieces(self, name: str) -> Sequence[int] | None:
+        """Where ``name`` is stored in separate contiguous pieces: flat offsets ``[0, ..., numel]``, or None.
+
+        The engine then merges it piece by piece (:meth:`flat_range`), never holding it whole.
+        """
+        number, stored = self._where[name]
+        find = self._files[number].pieces
+        return find(stored) if find is not None else None
+
+    def flat_range(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements ``[start, stop)`` of tensor ``name`` as 1-D (a view when they lie in one stored piece)."""
+        number, stored = self._where[name]
+        opened = self._opened(number)
+        if isinstance(opened, RangeFile):
+            return opened.flat_range(stored, start, stop)
+        return opened.flat(stored)[start:stop]
 
     def close(self) -> None:
         self._open = None
