@@ -79,7 +79,7 @@ class Classic(TargetKind):
     def warnings(self, target: Target, output: OutputPlan, plan: Plan) -> list[str]:
         if plan.per_checkpoint or len(plan.checkpoints) < 2:
             return []
-        half_life = ema.decay_to_half_life(self.decay(target))
+        half_life = target.value if target.kind == "half_life" else ema.decay_to_half_life(self.decay(target))
         if half_life >= plan.spacing:
             return []
         return [

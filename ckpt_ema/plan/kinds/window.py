@@ -14,7 +14,7 @@ import numpy as np
 from ckpt_ema.errors import TargetError
 from ckpt_ema.math import windows
 from ckpt_ema.plan.kinds.base import TargetKind, TargetOption
-from ckpt_ema.series.lengths import Length, parse_length
+from ckpt_ema.series.lengths import Length, format_si, parse_length
 
 if TYPE_CHECKING:
     from ckpt_ema.plan.model import OutputPlan, Plan
@@ -86,8 +86,6 @@ def refuse_per_checkpoint(target: Target, per_checkpoint: bool) -> None:
 
 def describe_length(eq: dict[str, float]) -> str:
     """``2000 steps`` or ``2000 steps = 4.1M tokens``."""
-    from ckpt_ema.series.lengths import format_si
-
     text = f"{eq['length']:.6g} steps"
     for unit in ("tokens", "samples"):
         if f"length_{unit}" in eq:
