@@ -40,8 +40,10 @@ def plot_weights(plan: Plan, path: str | os.PathLike) -> Path:
         axes.plot(steps, output.coefficients, marker="o", markersize=3, label=output.name)
     axes.axhline(0.0, color="grey", linewidth=0.5)
     axes.set_xlabel("step")
-    axes.set_ylabel("coefficient (weight in the EMA)")
-    axes.set_title(f"EMA weights at step {plan.target_step}, {len(steps)} checkpoints")
+    methods = {o.method for o in plan.outputs}
+    what = "EMA weights" if methods <= {"classic", "power", "reconstruction"} else "weights of each output"
+    axes.set_ylabel("coefficient (weight of the checkpoint)")
+    axes.set_title(f"{what} at step {plan.target_step}, {len(steps)} checkpoints")
     axes.legend(fontsize="small")
     return _save(figure, path)
 
