@@ -29,3 +29,24 @@ class OutputError(CkptEmaError):
 
 class StrictError(CkptEmaError):
     """A warning (NaN/Inf, a diverged checkpoint, a doubtful step or decay), made an error by --strict."""
+
+
+class SettingError(CkptEmaError):
+    """A setting from the environment (``CKPT_EMA_KERNEL``) has a value ckpt-ema does not know."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: raised by the command line's handler so that it unwinds like Ctrl-C
+    (``KeyboardInterrupt``) and every temporary file is removed. Not an ``Exception``: nothing catches it
+    by accident."""
+
+
+def raise_terminated(signum: int, frame: object) -> None:
+    """The command line's SIGTERM handler: unwind like Ctrl-C."""
+    raise Terminated()
+
+
+def stop_line(exc: BaseException) -> tuple[str, int]:
+    """The one line printed and the exit code for Ctrl-C (130) or SIGTERM (143), whenever they arrive."""
+    word, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+    return f"ckpt-ema: {word}; no output written, temporary files removed", code

@@ -137,7 +137,6 @@ def _link_tokenizer_folder(tmp_path: Path, secret: bytes):
     return extra
 
 
-@OPEN
 @pytest.mark.parametrize(
     "attack", [_link_config_out, _link_folder_in_tokenizer, _link_tokenizer_folder], ids=["file", "inner", "folder"]
 )
@@ -167,7 +166,6 @@ def test_a_symlink_inside_the_checkpoint_is_copied_as_the_file_it_names(tmp_path
     assert (out / "tokenizer" / "tokenizer_config.json").read_text() == f'{{"step": {STEPS[-1]}}}'
 
 
-@OPEN
 def test_a_shard_that_links_out_of_the_checkpoint_is_refused(tmp_path):
     outside = tmp_path / "elsewhere"
     outside.mkdir()
@@ -314,7 +312,6 @@ def test_control_characters_in_a_lightning_version_are_escaped(tmp_path):
 # Security: outputs keep the inputs' permissions (the most restrictive of them)
 
 
-@OPEN
 def test_a_file_output_keeps_the_most_restrictive_mode_of_the_inputs(tmp_path):
     inputs = make_series(tmp_path / "run")
     for path in inputs:
@@ -326,7 +323,6 @@ def test_a_file_output_keeps_the_most_restrictive_mode_of_the_inputs(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
-@OPEN
 def test_a_folder_output_keeps_the_inputs_mode(tmp_path):
     run_dir = make_hf_series(tmp_path / "run")
     for path in run_dir.rglob("*"):
@@ -480,7 +476,7 @@ class Child:
 @pytest.mark.parametrize(
     "moment, signum, folder_output",
     [
-        pytest.param("temp", signal.SIGINT, False, marks=OPEN),
+        ("temp", signal.SIGINT, False),
         ("temp", signal.SIGTERM, True),
         ("write", signal.SIGTERM, False),
         ("fsync", signal.SIGINT, True),
@@ -504,7 +500,6 @@ def test_a_signal_at_any_moment_removes_every_temporary_file(tmp_path, moment, s
     assert not out.exists() and list(out.parent.iterdir()) == []
 
 
-@OPEN
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("entry", ["-m", "script"])
 def test_a_signal_during_start_up_gives_one_line(tmp_path, signum, entry):
@@ -522,7 +517,6 @@ def test_a_signal_during_start_up_gives_one_line(tmp_path, signum, entry):
     assert stderr.strip().splitlines() == [f"ckpt-ema: {word}; no output written, temporary files removed"]
 
 
-@OPEN
 def test_two_merges_to_the_same_output_at_once_the_second_is_refused(tmp_path):
     inputs = make_series(tmp_path / "run")
     out = tmp_path / "ema.safetensors"
@@ -539,7 +533,6 @@ def test_two_merges_to_the_same_output_at_once_the_second_is_refused(tmp_path):
     assert temps(tmp_path) == []
 
 
-@OPEN
 def test_a_bogus_kernel_setting_is_one_line_and_leaves_no_temporary_file(tmp_path):
     inputs = make_series(tmp_path / "run")
     out = tmp_path / "out" / "ema.safetensors"
@@ -552,7 +545,6 @@ def test_a_bogus_kernel_setting_is_one_line_and_leaves_no_temporary_file(tmp_pat
 # Bad input that gave tracebacks
 
 
-@OPEN
 @pytest.mark.parametrize(
     "weight_map",
     ["{}", '{"w": ["model-1.safetensors"]}', '{"w": 1}', '{"w": {"x": "y"}}', "[" * 100_000 + "]" * 100_000],
@@ -584,7 +576,6 @@ def test_an_f8_e4m3_tensor_with_nan_is_a_warning(tmp_path):
     assert torch.isnan(merged[3]) and torch.all(merged[torch.arange(16) != 3] == 0.5)
 
 
-@OPEN
 def test_lora_alphas_that_are_nan_in_every_file_are_copied(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -603,7 +594,6 @@ def test_lora_alphas_that_are_nan_in_every_file_are_copied(tmp_path):
     assert torch.allclose(merged["lora_unet_x.lora_down.weight"], torch.full((2, 4), 0.25))
 
 
-@OPEN
 def test_a_tensor_name_that_is_not_utf8_is_refused(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -631,7 +621,6 @@ def test_an_output_header_stays_within_the_limit_of_the_safetensors_library(tmp_
     assert not out.exists() and temps(tmp_path) == []
 
 
-@OPEN
 def test_batch_reports_a_failing_run_and_does_the_others(tmp_path):
     def hostile(folder: Path, step: int) -> None:
         (folder / "model.safetensors.index.json").write_text('{"weight_map": {"w": ["model.safetensors"]}}')
@@ -712,7 +701,6 @@ def test_ten_thousand_checkpoints_with_ulimit_256(tmp_path):
     _merge_many(tmp_path, 10_000, 256)
 
 
-@OPEN
 def test_an_output_that_is_a_dangling_symlink_is_refused_without_force(tmp_path):
     inputs = make_series(tmp_path / "run")
     out = tmp_path / "ema.safetensors"
@@ -724,7 +712,6 @@ def test_an_output_that_is_a_dangling_symlink_is_refused_without_force(tmp_path)
     assert out.is_file() and not out.is_symlink() and not (tmp_path / "nowhere.safetensors").exists()
 
 
-@OPEN
 @pytest.mark.parametrize("kind", ["fifo", "device"])
 def test_an_output_that_is_not_a_regular_file_is_never_replaced(tmp_path, kind):
     inputs = make_series(tmp_path / "run")

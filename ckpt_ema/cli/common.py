@@ -12,8 +12,8 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from ckpt_ema.errors import CkptEmaError
-from ckpt_ema.jobs.merge import plan_merge
+from ckpt_ema.errors import CkptEmaError, Terminated, raise_terminated, stop_line
+from ckpt_ema.jobs.merge import abort_live_jobs, plan_merge
 from ckpt_ema.math.ema import INTERPOLATIONS
 from ckpt_ema.plan.kinds import OPTIONS as TARGET_OPTIONS
 from ckpt_ema.plan.model import OUTPUT_DTYPES, Plan
@@ -67,10 +67,6 @@ def run_pass(job: Iterable[int], total: int, desc: str, quiet: bool = False) -> 
 def warn(message: str) -> None:
     """A warning on stderr that does not break a progress bar."""
     tqdm.write(f"warning: {message}", file=sys.stderr)
-
-
-class _Terminated(Exception):
-    """SIGTERM arrived; unwinds like Ctrl-C so temporary files are removed."""
 
 
 reader_options = [
@@ -193,25 +189,38 @@ def plan_from(options: dict[str, Any]) -> Plan:
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ckpt-ema errors into one line and exit 1; Ctrl-C into exit 130, SIGTERM into exit 143."""
+    """Turn ckpt-ema errors into one line and exit 1; Ctrl-C into exit 130, SIGTERM into exit 143.
+
+    On Ctrl-C or SIGTERM every job still writing is aborted (its temporary files removed) before the line
+    is printed, with further signals held off meanwhile, whatever moment the signal arrived at.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        def on_sigterm(signum: int, frame: Any) -> None:
-            raise _Terminated()
-
-        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
         try:
             return command(*args, **kwargs)
         except CkptEmaError as exc:
             raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
-            click.echo("ckpt-ema: interrupted; no output written, temporary files removed", err=True)
-            sys.exit(130)
-        except _Terminated:
-            click.echo("ckpt-ema: terminated; no output written, temporary files removed", err=True)
-            sys.exit(143)
+        except (KeyboardInterrupt, Terminated) as exc:
+            _without_signals(abort_live_jobs)
+            line, code = stop_line(exc)
+            click.echo(line, err=True)
+            sys.exit(code)
         finally:
             signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _without_signals(action: Callable[[], None]) -> None:
+    """Run ``action`` with Ctrl-C and SIGTERM ignored (a second Ctrl-C must not stop the cleanup)."""
+    try:
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals go to the main thread anyway
+        previous = {}
+    try:
+        action()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -45,6 +45,7 @@ import numpy as np
 
 from ckpt_ema.engine import fused
 from ckpt_ema.engine.readahead import OnRead, ReadAhead, SpanSchedule, read_exactly
+from ckpt_ema.errors import SettingError
 from ckpt_ema.io.identity import FileIdentity
 from ckpt_ema.io.safetensors_format import DTYPES, all_finite
 from ckpt_ema.plan.model import Plan, TensorPlan
@@ -62,11 +63,12 @@ SPAN_LIMIT = 1 << 24  # elements: tensors are grouped up to this size (progress 
 
 def choose_kernel(kernel: str | None = None) -> str:
     """``fused`` when numba is installed (unless ``CKPT_EMA_KERNEL=torch``), else ``torch``."""
+    where = "kernel" if kernel else "CKPT_EMA_KERNEL"
     kernel = kernel or os.environ.get("CKPT_EMA_KERNEL", "auto")
     if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+        raise SettingError(f"{where}={kernel!r}: must be one of {', '.join(KERNELS)}")
     if kernel == "fused" and not fused.AVAILABLE:
-        raise ValueError("the fused kernel needs numba: pip install numba")
+        raise SettingError(f"{where}=fused: the fused kernel needs numba: pip install numba")
     if kernel == "auto":
         return "fused" if fused.AVAILABLE else "torch"
     return kernel

@@ -19,6 +19,7 @@ from pathlib import Path
 from ckpt_ema.errors import InputError
 from ckpt_ema.io.dcp import is_dcp_folder
 from ckpt_ema.io.deepspeed import is_deepspeed_folder
+from ckpt_ema.io.links import inside
 from ckpt_ema.io.safetensors_file import safetensors_weight_file
 from ckpt_ema.io.source import CheckpointSource, FileNote, Part, WeightFile
 from ckpt_ema.io.torch_pickle import torch_weight_file
@@ -72,9 +73,37 @@ def _read_json(path: Path) -> object:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{path}: cannot read JSON ({exc})") from None
+    except RecursionError:
+        raise InputError(f"{path}: cannot read JSON (nested too deeply)") from None
 
 
-def _weight_file(path: Path, relpath: str) -> WeightFile:
+def _weight_map(index_path: Path, index: object) -> dict[str, str]:
+    """An index's ``weight_map`` (tensor name -> shard file name), checked: a non-empty map of names to
+    plain file names of the index's own folder."""
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(f"{index_path}: not a sharded-checkpoint index (no 'weight_map')")
+    if not weight_map:
+        raise InputError(f"{index_path}: its 'weight_map' is empty (no tensors); not a usable index")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise InputError(
+                f"{index_path}: 'weight_map' maps {tensor!r} to {type(shard).__name__} {_short(shard)}; "
+                "expected the name of a shard file"
+            )
+        if not shard or "/" in shard or "\\" in shard or shard in (".", ".."):
+            raise InputError(f"{index_path}: 'weight_map' names {shard!r}, not a file name in {index_path.parent}")
+    return weight_map
+
+
+def _short(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _weight_file(root: Path, path: Path, relpath: str) -> WeightFile:
+    """One weight file of the checkpoint ``root``; a link to a file outside it is refused (io.links)."""
+    inside(root, path)
     if path.suffix == ".safetensors":
         return safetensors_weight_file(path, relpath)
     return torch_weight_file(path, relpath)[0]
@@ -83,6 +112,7 @@ def _weight_file(path: Path, relpath: str) -> WeightFile:
 def _scan_part(folder: Path, name: str, ignored: list[FileNote]) -> tuple[Part | None, set[str]]:
     """The model in ``folder`` (None if none) and the file names it uses; notes skipped duplicates."""
     rel = f"{name}/" if name else ""
+    root = folder.parent if name else folder  # components are folders of the checkpoint
     files = sorted(p for p in folder.iterdir() if p.is_file())
     names = {p.name for p in files}
     indexes = [p for p in files if p.name.endswith((".safetensors.index.json", ".bin.index.json"))]
@@ -94,22 +124,21 @@ def _scan_part(folder: Path, name: str, ignored: list[FileNote]) -> tuple[Part |
         for other in indexes[1:]:
             ignored.append(FileNote(rel + other.name, f"another copy of the model ({index_path.name} is read)"))
         index = _read_json(index_path)
-        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-            raise InputError(f"{index_path}: not a sharded-checkpoint index (no 'weight_map')")
-        shards = sorted(set(index["weight_map"].values()))
+        weight_map = _weight_map(index_path, index)
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if s not in names]
         if missing:
             raise InputError(f"{index_path}: lists shards that are missing: {', '.join(missing)}")
-        weight_files = [_weight_file(folder / s, rel + s) for s in shards]
+        weight_files = [_weight_file(root, folder / s, rel + s) for s in shards]
         for weight_file in weight_files:
-            expected = {t for t, s in index["weight_map"].items() if s == Path(weight_file.relpath).name}
+            expected = {t for t, s in weight_map.items() if s == Path(weight_file.relpath).name}
             if set(weight_file.tensors) != expected:
                 raise InputError(
                     f"{weight_file.path}: its tensors do not match {index_path.name}'s weight_map "
                     f"({len(weight_file.tensors)} in the file, {len(expected)} in the map)"
                 )
         used = {index_path.name, *shards}
-        found = index.get("metadata")
+        found = index.get("metadata") if isinstance(index, dict) else None
         meta: dict[str, object] = found if isinstance(found, dict) else {}
         part = Part(name, weight_files, index_path.name, {k: v for k, v in meta.items() if k != "total_size"})
         for other in files:
@@ -136,7 +165,7 @@ def _scan_part(folder: Path, name: str, ignored: list[FileNote]) -> tuple[Part |
     for other in candidates[1:]:
         ignored.append(FileNote(rel + other.name, f"another copy or variant of the model ({chosen.name} is read)"))
     used = {p.name for p in candidates}
-    return Part(name, [_weight_file(chosen, rel + chosen.name)]), used
+    return Part(name, [_weight_file(root, chosen, rel + chosen.name)]), used
 
 
 def _other_files(folder: Path, rel: str, used: set[str], ignored: list[FileNote], copied: list[str]) -> None:

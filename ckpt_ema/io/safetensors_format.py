@@ -17,6 +17,7 @@ import mmap
 import os
 import stat
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,6 +196,8 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InputError(f"{path}: __metadata__ must map strings to strings")
+    check_utf8(path, header, "tensor name")
+    check_utf8(path, [*metadata, *metadata.values()], "metadata text")
     tensors = {name: _parse_entry(path, name, entry, data_start, data_size) for name, entry in header.items()}
     _check_no_overlap(path, tensors)
     return SafetensorsHeader(path, tensors, dict(metadata), data_start, file_size, file_identity)
@@ -232,6 +235,19 @@ class SafetensorsReader:
             except OSError as exc:
                 raise InputError(f"{path}: cannot map ({exc.strerror or exc})") from None
         return self._map
+
+
+def check_utf8(path: Path, texts: Iterable[str], what: str) -> None:
+    """Refuse text that cannot be written as UTF-8 (a lone surrogate, e.g. ``"\\ud800"`` in the JSON): the
+    safetensors library refuses such a header, so an output carrying the name would be unreadable."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(
+                f"{path}: {what} {_short(text)} is not valid UTF-8 (a lone surrogate); other tools cannot read it, "
+                "so ckpt-ema does not carry it into an output"
+            ) from None
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:

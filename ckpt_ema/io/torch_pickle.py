@@ -24,6 +24,7 @@ import numpy as np
 
 from ckpt_ema.errors import InputError
 from ckpt_ema.io.identity import identity
+from ckpt_ema.io.safetensors_format import check_utf8
 from ckpt_ema.io.source import CheckpointSource, Part, TensorInfoLike, TensorMeta, WeightFile
 
 # torch is imported only when a torch file is read (it takes about a second): see load_pickle.
@@ -157,6 +158,7 @@ def torch_weight_file(path: Path, relpath: str, key: str | None = None) -> tuple
         if dtype is None:
             raise InputError(f"{path}: tensor {name!r} has dtype {value.dtype}, which ckpt-ema does not handle")
         tensors[str(name)] = TensorMeta(dtype, tuple(value.shape))
+    check_utf8(path, tensors, "tensor name")
     info = LoadInfo(chosen, list(others), skipped, loaded)
 
     def reopen() -> StateDictFile:

@@ -78,7 +78,7 @@ def prepare(task: RunTask, force: bool = False, **options: object) -> None:
             task.plan = replace(plan, outputs=tuple(plan.outputs[i] for i in todo), warnings=warnings)
             task.paths = [paths[i] for i in todo]
             task.total_bytes = bytes_read(task.plan)
-    except (CkptEmaError, OSError) as exc:
+    except Exception as exc:  # any failure is this run's alone: reported, and the others go on
         task.error = _reason(exc)
 
 
@@ -96,12 +96,14 @@ def execute(
             for done in job:
                 on_bytes(done)
             task.written = job.commit()
-    except (CkptEmaError, OSError) as exc:
+    except Exception as exc:  # any failure is this run's alone: reported, and the others go on
         task.error = _reason(exc)
     task.seconds = time.perf_counter() - start
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and not isinstance(exc, CkptEmaError):
+    if isinstance(exc, CkptEmaError):
+        return str(exc)
+    if isinstance(exc, OSError):
         return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
-    return str(exc)
+    return f"unexpected error ({type(exc).__name__}: {exc}); please report it"

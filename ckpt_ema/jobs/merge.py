@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,12 +25,14 @@ from ckpt_ema.jobs.integrity import (
     sha256_key,
 )
 from ckpt_ema.output.layouts import open_output, output_metadata
-from ckpt_ema.output.paths import output_paths
+from ckpt_ema.output.lock import OutputLock
+from ckpt_ema.output.paths import output_mode, output_paths
 from ckpt_ema.output.writer import (
     OutputWriter,
     WriteOptions,
     check_free_space,
     output_size,
+    remove_own_temp,
     remove_stale_temps,
 )
 from ckpt_ema.plan.ema import plan_ema
@@ -127,8 +130,11 @@ def at_step(at: int | str | None, size: StepSize | None) -> int | None:
 class MergeJob:
     """One pass writing every output of a plan to its file; iterate to run it, then ``commit()``.
 
-    Used as a context manager, any error (or interruption) removes all temporary files. Before writing,
-    the outputs must fit in the free space. ``hash_inputs``: the inputs' SHA-256 are computed while the pass
+    Used as a context manager, any error (or interruption) removes all temporary files; so does
+    :func:`abort_live_jobs`, which the command line calls on Ctrl-C and SIGTERM, whatever moment they
+    arrive at (even before the job's ``with`` block is entered). Each output is locked for the job's
+    lifetime (``OutputLock``): a second run writing the same output is refused. Before writing, the
+    outputs must fit in the free space. ``hash_inputs``: the inputs' SHA-256 are computed while the pass
     streams and recorded as ``ckpt_ema.input.N.sha256`` (with the diverged-checkpoint check, which rides
     on the same read); off, the pass runs at the engine's speed. ``verify``: each file is read back and
     checked before it replaces anything. ``strict``: every warning is an error (``StrictError``) and
@@ -152,19 +158,25 @@ class MergeJob:
         self._on_warning = on_warning or (lambda message: None)
         self._hashes: dict[int, str] = {}
         self.hasher: InputHasher | None = None
-        for warning in plan.warnings if strict else ():
-            self._warn(warning)
         self.writers: list[OutputWriter] = []
-        for folder in {p.parent for p in self.paths}:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
-            remove_stale_temps(folder)
-        try:
+        self._locks = [OutputLock(path) for path in self.paths]
+        _LIVE.add(self)
+        try:  # from here on, anything raised (an error, a signal) removes what this job created
+            for warning in plan.warnings if strict else ():
+                self._warn(warning)
+            for folder in {p.parent for p in self.paths}:
+                try:
+                    folder.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise OutputError(f"{folder}: cannot create the output folder ({exc.strerror or exc})") from None
+                remove_stale_temps(folder)
+            for lock in self._locks:
+                lock.acquire()
             self.hasher = InputHasher(plan) if hash_inputs else None
             late = {sha256_key(i): HASH_WIDTH for i in self.hasher.hashed} if self.hasher else {}
-            options = WriteOptions(verify=verify, late_metadata=late, late_values=self._input_hashes)
+            options = WriteOptions(
+                verify=verify, late_metadata=late, late_values=self._input_hashes, mode=output_mode(plan)
+            )
             metadata = [output_metadata(plan, output) for output in plan.outputs]
             check_free_space([(p, output_size(plan.tensors, m, options)) for p, m in zip(self.paths, metadata)])
             for path, meta in zip(self.paths, metadata):
@@ -195,13 +207,29 @@ class MergeJob:
         except BaseException:
             self.abort()
             raise
+        self._release()
         return self.paths
 
     def abort(self) -> None:
+        """Stop the hashers and remove every temporary file or folder of this job (safe to call twice).
+
+        Besides the writers' own cleanup, the temporary names themselves are removed: a signal can land
+        after a writer created its file but before the job knew of the writer. Those names hold this
+        process's id and the job holds the outputs' locks, so they can only be this job's.
+        """
         if self.hasher is not None:
             self.hasher.cancel()
         for writer in self.writers:
             writer.abort()
+        for path, lock in zip(self.paths, self._locks):
+            if lock.held:
+                remove_own_temp(path)
+        self._release()
+
+    def _release(self) -> None:
+        for lock in self._locks:
+            lock.release()
+        _LIVE.discard(self)
 
     def _warn(self, message: str) -> None:
         if self.strict:
@@ -217,6 +245,15 @@ class MergeJob:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
             self.abort()
+
+
+_LIVE: weakref.WeakSet[MergeJob] = weakref.WeakSet()
+
+
+def abort_live_jobs() -> None:
+    """Abort every job of this process that has neither committed nor aborted (on Ctrl-C or SIGTERM)."""
+    for job in list(_LIVE):
+        job.abort()
 
 
 def merge(

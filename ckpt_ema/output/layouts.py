@@ -16,16 +16,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ckpt_ema.errors import OutputError
+from ckpt_ema.errors import InputError, OutputError
 from ckpt_ema.io import CheckpointSource
+from ckpt_ema.io.links import inside, kind_of
 from ckpt_ema.output.dcp import DcpWriter
-from ckpt_ema.output.writer import TEMP_MARKER, OutputWriter, SafetensorsWriter, WriteOptions, remove_stale_temps
+from ckpt_ema.output.writer import (
+    OutputWriter,
+    SafetensorsWriter,
+    WriteOptions,
+    remove_stale_temps,
+    temp_path_for,
+)
 from ckpt_ema.plan.model import OutputPlan, Plan, TensorPlan
 from ckpt_ema.series.load import checkpoint_stem
 
@@ -137,15 +145,16 @@ class FolderWriter:
         self, path: Path, plan: Plan, metadata: Mapping[str, str], options: WriteOptions | None = None
     ) -> None:
         self.path = path
-        self._options = options
-        self.temp = path.parent / f".{path.name}{TEMP_MARKER}{os.getpid()}"
+        self._options = options or WriteOptions()
+        self._folder_mode = self._options.folder_mode
+        self.temp = temp_path_for(path)
         source: CheckpointSource = plan.newest.source
         self._writers: list[SafetensorsWriter] = []
         self._route: dict[str, tuple[SafetensorsWriter, str]] = {}
         self._indexes: list[tuple[Path, dict[str, object]]] = []
         try:
             remove_stale_temps(path.parent)
-            self.temp.mkdir(parents=True)
+            self.temp.mkdir(mode=self._folder_mode)
             self._open_writers(source, plan.tensors, metadata)
             self._copy_files(source)
         except OSError as exc:
@@ -170,7 +179,7 @@ class FolderWriter:
                 number += 1
                 relpath = output_file_name(weight_file.relpath)
                 destination = self.temp / relpath
-                destination.parent.mkdir(parents=True, exist_ok=True)
+                self._make_folders(destination.parent)
                 writer = SafetensorsWriter(destination, inner, metadata, self._options)
                 self._writers.append(writer)
                 for tensor in inner:
@@ -186,15 +195,39 @@ class FolderWriter:
                 }
                 self._indexes.append((index_path, body))
 
+    def _make_folders(self, folder: Path) -> None:
+        """``folder`` inside the temporary folder, and its parents, with the outputs' folder mode."""
+        missing = []
+        while not folder.exists():
+            missing.append(folder)
+            folder = folder.parent
+        for each in reversed(missing):
+            each.mkdir(mode=self._folder_mode)
+
     def _copy_files(self, source: CheckpointSource) -> None:
+        """The newest checkpoint's configs and tokenizer files; links are followed only inside it."""
         for relpath in source.copied:
-            origin = source.path / relpath.rstrip("/")
             destination = self.temp / relpath.rstrip("/")
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            if origin.is_dir():
-                shutil.copytree(origin, destination, dirs_exist_ok=True)
-            else:
-                shutil.copy2(origin, destination)
+            self._make_folders(destination.parent)
+            self._copy(source.path, source.path / relpath.rstrip("/"), destination, frozenset())
+
+    def _copy(self, root: Path, origin: Path, destination: Path, visiting: frozenset[Path]) -> None:
+        real = inside(root, origin)  # a link leaving the checkpoint is refused, never copied
+        try:
+            info = os.stat(real)
+        except FileNotFoundError:
+            raise InputError(f"{origin}: is a symbolic link to {real}, which does not exist") from None
+        if stat.S_ISDIR(info.st_mode):
+            if real in visiting:
+                raise InputError(f"{origin}: symbolic links in {root} form a loop")
+            if not destination.exists():
+                destination.mkdir(mode=self._folder_mode)
+            for name in sorted(os.listdir(real)):
+                self._copy(root, origin / name, destination / name, visiting | {real})
+        elif stat.S_ISREG(info.st_mode):
+            _copy_file(real, destination, self._options.mode)
+        else:
+            raise InputError(f"{origin}: is {kind_of(info.st_mode)}, not a file to copy; remove it from the checkpoint")
 
     def write(self, name: str, data: np.ndarray) -> None:
         writer, inner = self._route[name]
@@ -206,18 +239,20 @@ class FolderWriter:
             for writer in self._writers:
                 writer.commit()
             for index_path, body in self._indexes:
-                index_path.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+                _write_new(index_path, (json.dumps(body, indent=2) + "\n").encode("utf-8"), self._options.mode)
             old = None
             if self.path.exists():
                 old = self.path.parent / f".{self.path.name}.ckpt-ema-old-{os.getpid()}"
                 os.replace(self.path, old)
             try:
                 os.replace(self.temp, self.path)
-            except OSError:
-                if old is not None:
-                    os.replace(old, self.path)  # put the previous output back
+            except BaseException:  # a failed rename, or a signal between the two: the previous output goes back
+                if old is not None and not self.path.exists():
+                    os.replace(old, self.path)
                 raise
-            if old is not None:
+            if old is not None and old.is_symlink():  # --force over a link: the link goes, never its target
+                old.unlink()
+            elif old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
             self.abort()
@@ -230,3 +265,23 @@ class FolderWriter:
         for writer in self._writers:
             writer.abort()
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _copy_file(origin: Path, destination: Path, mode: int) -> None:
+    """Copy a regular file's bytes (and modification time) into a new file of permission ``mode``."""
+    source_fd = os.open(origin, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(source_fd, "rb") as source:
+        info = os.fstat(source.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{origin}: is {kind_of(info.st_mode)}, not a file to copy")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(destination, flags, mode), "wb") as target:
+            shutil.copyfileobj(source, target)
+    os.utime(destination, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to a new file of permission ``mode``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(path, flags, mode), "wb") as f:
+        f.write(data)

@@ -8,10 +8,12 @@ checkpoint of the series, and replaces an existing output only with ``--force``.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 from ckpt_ema.errors import OutputError
+from ckpt_ema.io.links import kind_of
 from ckpt_ema.output.layouts import writes_dcp, writes_folder
 from ckpt_ema.plan.model import Plan
 from ckpt_ema.series.discover import file_id
@@ -43,6 +45,7 @@ def output_paths(plan: Plan, output: str | os.PathLike, force: bool = False, fmt
             raise OutputError(f"{path}: is a folder; give a file name for the output")
         if path.exists() and file_id(path) in input_ids:
             raise OutputError(f"{path}: is an input ({input_ids[file_id(path)]}); choose another output")
+        _refuse_odd_files(path, force)
         if path.exists() and not force:
             raise OutputError(f"{path}: already exists; pass --force to replace it")
     return _outside_checkpoint_folders(plan, paths)
@@ -74,11 +77,43 @@ def folder_output_paths(plan: Plan, output: str | os.PathLike, force: bool) -> l
         for input_path in inputs:
             if resolved == input_path or resolved in input_path.parents:
                 raise OutputError(f"{path}: would replace the input {input_path}; choose another output")
+        _refuse_odd_files(path, force)
         if path.exists() and not path.is_dir():
             raise OutputError(f"{path}: is a file; a folder checkpoint's EMA is a folder")
         if path.exists() and not force:
             raise OutputError(f"{path}: already exists; pass --force to replace it")
     return paths
+
+
+def _refuse_odd_files(path: Path, force: bool) -> None:
+    """A symbolic link at the output path is replaced (the link itself, never its target) only with
+    ``--force``, even when it leads nowhere; a FIFO, device or socket is never replaced."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        if not force:
+            where = os.readlink(path)
+            missing = "" if path.exists() else ", which does not exist"
+            raise OutputError(f"{path}: is a symbolic link (to {where}{missing}); pass --force to replace the link")
+    elif not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        raise OutputError(
+            f"{path}: is {kind_of(info.st_mode)}, not a regular file; ckpt-ema never replaces one, choose another output"
+        )
+
+
+def output_mode(plan: Plan) -> int:
+    """The permission bits of the outputs: those every input file has (the most restrictive of them),
+    without execute bits. Inputs readable only by their owner (0600) give outputs readable only by them."""
+    mode = 0o666
+    for checkpoint in plan.checkpoints + plan.ignored:
+        for weight_file in checkpoint.source.files:
+            try:
+                mode &= os.stat(weight_file.path).st_mode
+            except OSError:
+                pass  # gone since it was planned: the pass will say so
+    return mode & 0o666
 
 
 def paths_in_folder(plan: Plan, folder: Path, force: bool = False) -> list[Path]:

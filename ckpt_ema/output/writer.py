@@ -48,11 +48,18 @@ class WriteOptions:
 
     ``late_metadata``: metadata keys whose values are only known at commit (key -> width in characters),
     filled from ``late_values()``. ``verify``: read each file back before renaming it into place.
+    ``mode``: permission bits of every file written (less the umask); folders get ``x`` where ``r`` is set.
     """
 
     verify: bool = False
     late_metadata: Mapping[str, int] = field(default_factory=dict)
     late_values: Callable[[], Mapping[str, str]] | None = None
+    mode: int = 0o644
+
+    @property
+    def folder_mode(self) -> int:
+        """``mode`` for folders: search (``x``) permission wherever ``mode`` lets read (0600 -> 0700)."""
+        return self.mode | ((self.mode & 0o444) >> 2)
 
 
 class OutputWriter(Protocol):
@@ -107,6 +114,20 @@ def remove_stale_temps(folder: Path) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def remove_own_temp(path: Path) -> None:
+    """Remove this process's temporary file (or folder) for output ``path``, if there is one."""
+    temp = temp_path_for(path)
+    try:
+        info = os.lstat(temp)
+    except OSError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        shutil.rmtree(temp, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
 
 
 def _unlink_if_unlocked(path: Path) -> bool:
@@ -222,7 +243,7 @@ class SafetensorsWriter:
         try:
             # O_EXCL | O_NOFOLLOW: never write through a link or into a file someone else placed there.
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-            fd = os.open(self.temp_path, flags, 0o644)
+            fd = os.open(self.temp_path, flags, self._options.mode)
             self._file = os.fdopen(fd, "wb", buffering=0)
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -232,6 +253,9 @@ class SafetensorsWriter:
         except OSError as exc:
             self.abort()
             raise self._os_error("cannot write", exc) from None
+        except BaseException:  # e.g. Ctrl-C just after the file was created: the name holds our pid, it is ours
+            self.abort()
+            raise
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Append (part of) tensor ``name``; ``data`` is contiguous in the output dtype."""

@@ -218,7 +218,8 @@ def _check_lora_alphas(checkpoints: Sequence[Checkpoint]) -> None:
         ref_value = _float64(reference, name)
         for other in checkpoints[:-1]:
             value = _float64(other, name)
-            if not bool((value == ref_value).all()):
+            same = (value == ref_value) | (np.isnan(value) & np.isnan(ref_value))  # NaN in both: the same alpha
+            if not bool(same.all()):
                 raise SeriesError(
                     f"LoRA alpha {name!r} is {ref_value.tolist()} in {reference.path} but {value.tolist()} in "
                     f"{other.path}; alphas are copied, not averaged, so a series must keep one alpha"
