@@ -194,5 +194,6 @@ def test_legacy_torch_files_are_refused_with_a_way_out(tmp_path):
     for step in (100, 200):
         torch.save(_state(step), tmp_path / f"step-{step}.pt", _use_new_zipfile_serialization=False)
     result = run("merge", tmp_path, "--decay", 0.9, "-o", tmp_path / "out.safetensors", expect=1)
-    assert "legacy (pre-1.6) format, which cannot be memory-mapped; re-save it" in result.stderr
+    assert "legacy (pre-1.6) format, which ckpt-ema does not load" in result.stderr
+    assert "torch.load(PATH, weights_only=True)" in result.stderr  # the safe way to convert it
     assert not (tmp_path / "out.safetensors").exists()

@@ -224,7 +224,7 @@ print(os.path.getsize(sys.argv[2]))
 
 @pytest.mark.parametrize(
     "quoting",
-    ["{path}", pytest.param("'{path}'", marks=OPEN), pytest.param('"{path}"', marks=OPEN)],
+    ["{path}", "'{path}'", '"{path}"'],
     ids=["bare", "single", "double"],
 )
 def test_sweep_eval_substitutes_the_path_safely_whatever_the_quoting(tmp_path, monkeypatch, quoting):
@@ -253,7 +253,6 @@ def _printable(result: CliRunner.Result) -> None:
         assert not any(line.startswith("forged") for line in stream.splitlines()), stream
 
 
-@OPEN
 def test_control_characters_in_kohya_sessions_are_escaped(tmp_path):
     a = make_series(tmp_path / "a", steps=[100, 200], ss_session_id="\x1b[31mred\x1b[0m")
     b = make_series(tmp_path / "a", steps=[300], ss_session_id="x\r\nforged: ok\x07")
@@ -266,7 +265,6 @@ def test_control_characters_in_kohya_sessions_are_escaped(tmp_path):
     assert "\\x1b[31mred" in result.stdout  # shown, escaped
 
 
-@OPEN
 def test_control_characters_in_tensor_names_and_paths_are_escaped(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -290,7 +288,6 @@ def test_control_characters_in_tensor_names_and_paths_are_escaped(tmp_path):
     _printable(result)
 
 
-@OPEN
 def test_control_characters_in_a_lightning_version_are_escaped(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -346,7 +343,6 @@ class _Evil:
         return (os.system, (f"touch {shlex.quote(str(self.sentinel))}",))
 
 
-@OPEN
 def test_a_legacy_pickle_with_code_says_it_would_run_code(tmp_path):
     sentinel = tmp_path / "RAN"
     folder = tmp_path / "run"

@@ -16,6 +16,8 @@ from ckpt_ema.cli import main
 from ckpt_ema.cli.common import (
     plan_options,
     progress_bar,
+    say,
+    say_lines,
     series_options,
     split_target_lists,
     target_values,
@@ -25,6 +27,7 @@ from ckpt_ema.cli.common import (
 from ckpt_ema.engine.merge_pass import choose_kernel
 from ckpt_ema.jobs.batch import RunTask, execute, prepare, run_tasks
 from ckpt_ema.plan.targets import parse_targets
+from ckpt_ema.report.escape import printable
 
 
 class _Stopped(Exception):
@@ -63,7 +66,7 @@ def batch(out_root: Path, jobs: int, force: bool, quiet: bool, **options: Any) -
     for task in tasks:
         prepare(task, force=force, **run_options)
         for warning in task.plan.warnings if task.plan is not None else ():
-            click.echo(f"warning: {task.name}: {warning}", err=True)
+            say(f"warning: {task.name}: {warning}", err=True)
     pending = [t for t in tasks if t.plan is not None]
     with progress_bar(sum(t.total_bytes for t in pending), "batch", quiet) as bar:
         lock = threading.Lock()
@@ -78,7 +81,7 @@ def batch(out_root: Path, jobs: int, force: bool, quiet: bool, **options: Any) -
         def run(task: RunTask) -> None:
             execute(task, advance, lambda message: warn(f"{task.name}: {message}"))
             if task.error:
-                tqdm.write(f"{task.name}: failed: {task.error}", file=sys.stderr)
+                tqdm.write(printable(f"{task.name}: failed: {task.error}"), file=sys.stderr)
 
         if jobs > 1 and choose_kernel() == "fused" and len(pending) > 1:
             # numba's kernel already runs on every core, and its thread pool cannot be entered from two
@@ -101,10 +104,11 @@ def batch(out_root: Path, jobs: int, force: bool, quiet: bool, **options: Any) -
     if options["as_json"]:
         click.echo(json.dumps([_task_json(t) for t in tasks], indent=2))
     else:
-        click.echo("\n".join(describe_batch(tasks, out_root)))
+        say_lines(describe_batch(tasks, out_root))
     failed = [t for t in tasks if t.error is not None]
     if failed:
-        raise click.ClickException(f"{len(failed)} of {len(tasks)} runs failed: {', '.join(t.name for t in failed)}")
+        names = ", ".join(t.name for t in failed)
+        raise click.ClickException(printable(f"{len(failed)} of {len(tasks)} runs failed: {names}"))
 
 
 for _param in batch.params:  # the shared INPUTS argument: here each one is a run folder
@@ -121,8 +125,9 @@ def describe_batch(tasks: list[RunTask], out_root: Path) -> list[str]:
     widths = [max(len(r[k]) for r in rows) for k in range(5)]
     lines = ["  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), *(c.rjust(w) for c, w in zip(r[2:5], widths[2:])), r[5]]).rstrip() for r in rows]  # fmt: skip
     counts = {s: sum(t.status == s for t in tasks) for s in ("done", "skipped", "failed")}
+    lines.append("")
     lines.append(
-        f"\n{len(tasks)} runs: {counts['done']} done, {counts['skipped']} already complete, {counts['failed']} failed; "
+        f"{len(tasks)} runs: {counts['done']} done, {counts['skipped']} already complete, {counts['failed']} failed; "
         f"outputs in {out_root}/<run>/"
     )
     return lines

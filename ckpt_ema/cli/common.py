@@ -17,6 +17,7 @@ from ckpt_ema.jobs.merge import abort_live_jobs, plan_merge
 from ckpt_ema.math.ema import INTERPOLATIONS
 from ckpt_ema.plan.kinds import OPTIONS as TARGET_OPTIONS
 from ckpt_ema.plan.model import OUTPUT_DTYPES, Plan
+from ckpt_ema.report.escape import printable, printable_lines
 
 
 class StepList(click.ParamType):
@@ -65,8 +66,19 @@ def run_pass(job: Iterable[int], total: int, desc: str, quiet: bool = False) -> 
 
 
 def warn(message: str) -> None:
-    """A warning on stderr that does not break a progress bar."""
-    tqdm.write(f"warning: {message}", file=sys.stderr)
+    """A warning on stderr that does not break a progress bar (escaped, like everything printed)."""
+    tqdm.write(printable(f"warning: {message}"), file=sys.stderr)
+
+
+def say(line: str = "", err: bool = False) -> None:
+    """Print one line; any control character in it (from a file name, a tensor name, metadata) is shown
+    escaped, so that nothing a file holds can act on the terminal or forge a line (report.escape)."""
+    click.echo(printable(line), err=err)
+
+
+def say_lines(lines: Iterable[str], err: bool = False) -> None:
+    """Print lines ckpt-ema composed, each escaped on its own."""
+    click.echo(printable_lines(list(lines)), err=err)
 
 
 reader_options = [
@@ -201,7 +213,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except CkptEmaError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(printable(str(exc))) from None
         except (KeyboardInterrupt, Terminated) as exc:
             _without_signals(abort_live_jobs)
             line, code = stop_line(exc)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ckpt_ema.cli import main
-from ckpt_ema.cli.common import StepList, reader_options, run_pass, user_errors
+from ckpt_ema.cli.common import StepList, reader_options, run_pass, say, say_lines, user_errors
 from ckpt_ema.jobs.doctor import FORMATS, Checkup, describe_diagnosis
 
 
@@ -63,10 +63,10 @@ def doctor(
     checkup = Checkup(inputs, decay=decay, dtype=dtype, ema=ema, init=init, steps=steps, key=key,
                       component=component or None)  # fmt: skip
     for warning in checkup.base.warnings if checkup.base else ():
-        click.echo(f"warning: {warning}", err=True)
+        say(f"warning: {warning}", err=True)
     run_pass(checkup, checkup.total_bytes, "doctor", quiet)
     diagnosis = checkup.result()
     if as_json:
         click.echo(json.dumps(diagnosis.to_json(), indent=2))
     else:
-        click.echo("\n".join(describe_diagnosis(diagnosis)))
+        say_lines(describe_diagnosis(diagnosis))

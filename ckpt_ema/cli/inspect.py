@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ckpt_ema.cli import main
-from ckpt_ema.cli.common import reader_options, user_errors
+from ckpt_ema.cli.common import reader_options, say, say_lines, user_errors
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.io import CheckpointSource, FileNote, is_lora_alpha, open_checkpoint
 from ckpt_ema.series.discover import discover_inputs
@@ -140,9 +140,9 @@ def inspect_command(inputs: tuple[Path, ...], as_json: bool, **options: Any) -> 
             sys.exit(1)
         return
     for previous, entry in zip([None, *entries], entries):
-        click.echo("\n".join(_text(entry, previous)))
+        say_lines(_text(entry, previous))
     for note in skipped:
-        click.echo(f"skipped {note.relpath}: {note.reason}")
-    click.echo(f"series: {verdict}")
+        say(f"skipped {note.relpath}: {note.reason}")
+    say(f"series: {verdict}")
     if not ok:
         sys.exit(1)

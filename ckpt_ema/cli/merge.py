@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from ckpt_ema.cli import main
-from ckpt_ema.cli.common import plan_from, progress_bar, run_pass, series_options, user_errors, warn
+from ckpt_ema.cli.common import plan_from, progress_bar, run_pass, say, series_options, user_errors, warn
 from ckpt_ema.jobs import distributed
 from ckpt_ema.jobs.merge import MergeJob
 from ckpt_ema.output.layouts import FORMATS
@@ -83,7 +83,7 @@ def merge(
         return
     paths = output_paths(plan, output, force=force, fmt=fmt)
     for warning in () if strict else plan.warnings:  # with --strict, MergeJob refuses them
-        click.echo(f"warning: {warning}", err=True)
+        say(f"warning: {warning}", err=True)
 
     with MergeJob(plan, paths, on_warning=warn, fmt=fmt, verify=verify, strict=strict, hash_inputs=hash_inputs) as job:
         run_pass(job, job.total_bytes, "merge", quiet)
@@ -95,7 +95,7 @@ def merge(
         click.echo(json.dumps(summary, indent=2))
     elif not quiet:
         for out, path in zip(plan.outputs, paths):
-            click.echo(f"wrote {path}  ({describe_output(plan, out)})")
+            say(f"wrote {path}  ({describe_output(plan, out)})")
 
 
 def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool, fmt: str | None) -> None:
@@ -105,7 +105,7 @@ def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool, fmt: s
     job, ok = None, False
     try:
         for warning in plan.warnings if rank == 0 else ():
-            click.echo(f"warning: {warning}", err=True)
+            say(f"warning: {warning}", err=True)
         folders = sharded_output_folders(plan, output, distributed.file_names(plan, fmt), force)
         job = distributed.ShardedMerge(plan, folders, warn, fmt)
         with progress_bar(job.total_bytes, f"merge rank {rank}", quiet or rank > 0) as bar:
@@ -117,7 +117,7 @@ def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool, fmt: s
         distributed.shutdown()
     if rank == 0 and not quiet:
         for out, folder in zip(plan.outputs, job.folders):
-            click.echo(f"wrote {folder}/ ({distributed.describe_files(job)}; {describe_output(plan, out)})")
+            say(f"wrote {folder}/ ({distributed.describe_files(job)}; {describe_output(plan, out)})")
 
 
 @main.command("plan")
@@ -146,4 +146,4 @@ def plan_command(plot: Path | None, **options: Any) -> None:
         click.echo(describe_plan(plan))
     if plot is not None:
         plot_weights(plan, plot)
-        click.echo(f"wrote {plot}", err=options["as_json"])
+        say(f"wrote {plot}", err=options["as_json"])

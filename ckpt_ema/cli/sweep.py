@@ -6,6 +6,7 @@ Also the helpers the sweep, batch and doctor commands share: comma lists for tar
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,16 @@ import click
 from tqdm import tqdm
 
 from ckpt_ema.cli import main
-from ckpt_ema.cli.common import plan_from, run_pass, series_options, split_target_lists, user_errors, warn
+from ckpt_ema.cli.common import (
+    plan_from,
+    run_pass,
+    say,
+    say_lines,
+    series_options,
+    split_target_lists,
+    user_errors,
+    warn,
+)
 from ckpt_ema.errors import OutputError
 from ckpt_ema.jobs.merge import MergeJob
 from ckpt_ema.jobs.sweep import (
@@ -28,6 +38,7 @@ from ckpt_ema.jobs.sweep import (
 )
 from ckpt_ema.output.paths import paths_in_folder
 from ckpt_ema.output.writer import write_json_atomic
+from ckpt_ema.report.escape import printable
 from ckpt_ema.report.plots import plot_scores, require_matplotlib
 
 
@@ -45,7 +56,7 @@ def make_folder(folder: Path) -> None:
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), help="Folder for the candidates and sweep.json."
 )
-@click.option("--eval", "eval_command", metavar="CMD", help='Score each candidate: a shell command with {path}, e.g. "python eval.py {path}"; the score is the last number it prints.')  # fmt: skip
+@click.option("--eval", "eval_command", metavar="CMD", help="Score each candidate: a command with {path}, e.g. 'python eval.py {path}'; the score is the last number it prints. It runs without a shell, {path} as one argument however it is quoted; for pipes, call sh yourself with the path as $1: sh -c '... \"$1\" | ...' sh {path}.")  # fmt: skip
 @click.option("--minimize/--maximize", default=True, show_default=True, help="Whether a lower or a higher score is better.")  # fmt: skip
 @click.option(
     "--keep",
@@ -84,6 +95,11 @@ def sweep(
         raise click.UsageError("--keep best needs --eval (the scores decide which candidate is best)")
     if eval_command is not None and "{path}" not in eval_command:
         raise click.UsageError("--eval: the command must contain {path}, replaced by each candidate's path")
+    if eval_command is not None:
+        try:
+            shlex.split(eval_command)
+        except ValueError as exc:
+            raise click.UsageError(f"--eval: cannot split the command into words ({exc})") from None
     if plot and not eval_command:
         raise click.UsageError("--plot needs --eval (it plots the scores)")
     if plot:
@@ -93,7 +109,7 @@ def sweep(
     make_folder(output)
     paths = paths_in_folder(plan, output, force=force)
     for warning in plan.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        say(f"warning: {warning}", err=True)
     with MergeJob(plan, paths, on_warning=warn) as job:
         run_pass(job, job.total_bytes, "sweep", quiet)
         job.commit()
@@ -104,7 +120,7 @@ def sweep(
         for candidate in tqdm(result.candidates, desc="eval", disable=True if quiet else None, file=sys.stderr):
             candidate.score, candidate.error = evaluate(eval_command, candidate.path)
             if candidate.error:
-                tqdm.write(f"eval failed for {candidate.name}: {candidate.error}", file=sys.stderr)
+                tqdm.write(printable(f"eval failed for {candidate.name}: {candidate.error}"), file=sys.stderr)
         result.best = pick_best(result.candidates, result.maximize)
         if keep == "best":
             deleted = discard_others(result)
@@ -123,12 +139,15 @@ def sweep(
     if options["as_json"]:
         click.echo(json.dumps(sweep_json(result), indent=2))
     else:
-        click.echo("\n".join(describe_sweep(result)))
+        say_lines(describe_sweep(result))
         removed = f" ({len(deleted)} deleted by --keep best)" if deleted else ""
         plotted = f" and {output / 'sweep.png'}" if plot and result.best is not None else ""
-        click.echo(f"\nwrote {len(paths)} candidates{removed}, {output / 'sweep.json'}{plotted}")
+        say()
+        say(f"wrote {len(paths)} candidates{removed}, {output / 'sweep.json'}{plotted}")
         if result.best is not None:
             best = result.candidates[result.best]
-            click.echo(f"best: {best.name} (score {best.score:.6g}, {result.direction}d) -> {best.path}")
+            say(f"best: {best.name} (score {best.score:.6g}, {result.direction}d) -> {best.path}")
     if eval_command and result.best is None:
-        raise click.ClickException(f"every evaluation failed; see the messages above and {output / 'sweep.json'}")
+        raise click.ClickException(
+            printable(f"every evaluation failed; see the messages above and {output / 'sweep.json'}")
+        )

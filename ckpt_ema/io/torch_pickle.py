@@ -24,6 +24,7 @@ import numpy as np
 
 from ckpt_ema.errors import InputError
 from ckpt_ema.io.identity import identity
+from ckpt_ema.io.legacy_pickle import code_globals
 from ckpt_ema.io.safetensors_format import check_utf8
 from ckpt_ema.io.source import CheckpointSource, Part, TensorInfoLike, TensorMeta, WeightFile
 
@@ -67,10 +68,7 @@ def load_pickle(path: Path) -> object:
     except RuntimeError as exc:
         text = str(exc)
         if "mmap" in text or "zip" in text.lower():
-            raise InputError(
-                f"{path}: written in torch's legacy (pre-1.6) format, which cannot be memory-mapped; "
-                "re-save it with a current torch or convert it to safetensors"
-            ) from None
+            raise _legacy_refusal(path) from None
         raise InputError(f"{path}: cannot load as a torch file ({text.splitlines()[0] if text else exc})") from None
     except (OSError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         raise InputError(f"{path}: cannot load as a torch file ({exc})") from None
@@ -80,6 +78,21 @@ def is_tensor(value: object) -> TypeGuard[Any]:
     """A torch tensor (without importing torch when no torch file was loaded)."""
     torch: Any = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _legacy_refusal(path: Path) -> InputError:
+    """A pre-1.6 file is never loaded; its opcodes (listed, not run) say whether it would run code."""
+    code = code_globals(path)
+    if code:
+        return InputError(
+            f"{path}: refused: loading it would run code from the file (it needs {', '.join(code[:3])}); it is "
+            f"in torch's legacy (pre-1.6) format, and ckpt-ema only loads plain tensors; {_convert_hint(path)}"
+        )
+    return InputError(
+        f"{path}: written in torch's legacy (pre-1.6) format, which ckpt-ema does not load (it cannot be "
+        "memory-mapped); convert it once, loading it safely: torch.save(torch.load(PATH, weights_only=True), NEW) "
+        "with a current torch, or save it as safetensors"
+    )
 
 
 def _tensor_count(value: object) -> int:

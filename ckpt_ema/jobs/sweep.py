@@ -82,15 +82,27 @@ def parse_score(stdout: str) -> float | None:
     return float(numbers[-1]) if numbers else None
 
 
+def eval_argv(command: str, path: Path) -> list[str]:
+    """The evaluation command as an argument vector: split into words as a POSIX shell splits them
+    (quotes honoured, then removed), ``{path}`` replaced inside each word by the path itself.
+
+    Nothing goes through a shell, so whatever the path holds (``$(...)``, backticks, ``;``, quotes) stays
+    inside its one argument, however the user quoted ``{path}``. Raises ``ValueError`` for unbalanced quotes.
+    """
+    return [word.replace("{path}", str(path)) for word in shlex.split(command)]
+
+
 def evaluate(command: str, path: Path) -> tuple[float | None, str | None]:
-    """Run ``command`` with ``{path}`` replaced by the shell-quoted path; return ``(score, error)``.
+    """Run ``command`` (see :func:`eval_argv`, no shell) for one candidate; return ``(score, error)``.
 
     The score is the last number the command prints on stdout. A non-zero exit, no number, or a number
     that is not finite is an error whose text ends with the tail of the command's stderr.
     """
-    line = command.replace("{path}", shlex.quote(str(path)))
     try:
-        done = subprocess.run(line, shell=True, capture_output=True, text=True, errors="replace", check=False)
+        argv = eval_argv(command, path)
+        done = subprocess.run(argv, capture_output=True, text=True, errors="replace", check=False)
+    except ValueError as exc:
+        return None, f"could not split the command into words ({exc})"
     except OSError as exc:
         return None, f"could not run the command ({exc})"
     tail = _tail(done.stderr)

@@ -7,6 +7,7 @@ import os
 from ckpt_ema.math import ema as kernels
 from ckpt_ema.plan.kinds import METHODS
 from ckpt_ema.plan.model import OutputPlan, Plan
+from ckpt_ema.report.escape import printable_lines
 from ckpt_ema.series.lengths import StepSize
 from ckpt_ema.series.load import Checkpoint
 
@@ -76,7 +77,7 @@ def describe_plan(plan: Plan) -> str:
     lines = describe_series(plan) + [""] + describe_coefficients(plan) + [""]
     lines += [describe_output(plan, o) for o in plan.outputs]
     lines += [f"warning: {w}" for w in plan.warnings]
-    return "\n".join(lines)
+    return printable_lines(lines)  # each line escaped: names and paths come from files
 
 
 def _describe_reconstruction(output: OutputPlan) -> str:
