@@ -640,7 +640,6 @@ def test_batch_reports_a_failing_run_and_does_the_others(tmp_path):
 # Silent surprises
 
 
-@OPEN
 def test_fp16_overflow_is_refused_unless_allowed_and_names_the_tensor(tmp_path):
     inputs = make_series(tmp_path / "run", value=1e6)
     out = tmp_path / "ema.safetensors"

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ckpt_ema.cli import main
 from ckpt_ema.cli.common import (
+    allow_overflow_option,
     plan_options,
     progress_bar,
     say,
@@ -42,8 +43,9 @@ class _Stopped(Exception):
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, help="Runs computed at once.")
 @click.option("--force", is_flag=True, help="Recompute outputs that already exist.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@allow_overflow_option
 @user_errors
-def batch(out_root: Path, jobs: int, force: bool, quiet: bool, **options: Any) -> None:
+def batch(out_root: Path, jobs: int, force: bool, quiet: bool, allow_overflow: bool, **options: Any) -> None:
     """Re-average many runs: each RUN_DIR is a series of checkpoints, and its EMAs go to
     OUT_ROOT/<run name>/<target>.safetensors.
 
@@ -79,7 +81,7 @@ def batch(out_root: Path, jobs: int, force: bool, quiet: bool, **options: Any) -
                 bar.update(done)
 
         def run(task: RunTask) -> None:
-            execute(task, advance, lambda message: warn(f"{task.name}: {message}"))
+            execute(task, advance, lambda message: warn(f"{task.name}: {message}"), allow_overflow)
             if task.error:
                 tqdm.write(printable(f"{task.name}: failed: {task.error}"), file=sys.stderr)
 

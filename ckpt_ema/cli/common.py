@@ -81,6 +81,13 @@ def say_lines(lines: Iterable[str], err: bool = False) -> None:
     click.echo(printable_lines(list(lines)), err=err)
 
 
+allow_overflow_option = click.option(
+    "--allow-overflow",
+    is_flag=True,
+    help="Write values beyond the output dtype's range (e.g. --dtype fp16 of weights over 65504) as inf, "
+    "with a warning naming the tensors, instead of refusing.",
+)
+
 reader_options = [
     click.option(
         "--component",

@@ -9,7 +9,16 @@ from typing import Any
 import click
 
 from ckpt_ema.cli import main
-from ckpt_ema.cli.common import plan_from, progress_bar, run_pass, say, series_options, user_errors, warn
+from ckpt_ema.cli.common import (
+    allow_overflow_option,
+    plan_from,
+    progress_bar,
+    run_pass,
+    say,
+    series_options,
+    user_errors,
+    warn,
+)
 from ckpt_ema.jobs import distributed
 from ckpt_ema.jobs.merge import MergeJob
 from ckpt_ema.output.layouts import FORMATS
@@ -42,6 +51,7 @@ from ckpt_ema.report.text import describe_output, describe_plan
     help="Read each output back and check it (tensors, metadata, data, no NaN/Inf) before it replaces anything.",
 )
 @click.option("--strict", is_flag=True, help="Treat every warning (NaN/Inf, diverged checkpoint, ...) as an error.")
+@allow_overflow_option
 @click.option(
     "--hash/--no-hash",
     "hash_inputs",
@@ -59,6 +69,7 @@ def merge(
     verify: bool,
     strict: bool,
     hash_inputs: bool,
+    allow_overflow: bool,
     **options: Any,
 ) -> None:
     """Write the EMA of a checkpoint series for each target, in one pass over the files.
@@ -85,7 +96,11 @@ def merge(
     for warning in () if strict else plan.warnings:  # with --strict, MergeJob refuses them
         say(f"warning: {warning}", err=True)
 
-    with MergeJob(plan, paths, on_warning=warn, fmt=fmt, verify=verify, strict=strict, hash_inputs=hash_inputs) as job:
+    job = MergeJob(
+        plan, paths, on_warning=warn, fmt=fmt, verify=verify, strict=strict, hash_inputs=hash_inputs,
+        allow_overflow=allow_overflow,
+    )  # fmt: skip
+    with job:
         run_pass(job, job.total_bytes, "merge", quiet)
         job.commit()
     if options["as_json"]:

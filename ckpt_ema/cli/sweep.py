@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from ckpt_ema.cli import main
 from ckpt_ema.cli.common import (
+    allow_overflow_option,
     plan_from,
     run_pass,
     say,
@@ -68,6 +69,7 @@ def make_folder(folder: Path) -> None:
 @click.option("--plot", is_flag=True, help="Also write OUTPUT/sweep.png: score against half-life (needs matplotlib).")
 @click.option("--force", is_flag=True, help="Replace existing candidate files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@allow_overflow_option
 @user_errors
 def sweep(
     output: Path,
@@ -77,6 +79,7 @@ def sweep(
     plot: bool,
     force: bool,
     quiet: bool,
+    allow_overflow: bool,
     **options: Any,
 ) -> None:
     """Write many EMA candidates in one pass, score each with your evaluation, and pick the best.
@@ -110,7 +113,7 @@ def sweep(
     paths = paths_in_folder(plan, output, force=force)
     for warning in plan.warnings:
         say(f"warning: {warning}", err=True)
-    with MergeJob(plan, paths, on_warning=warn) as job:
+    with MergeJob(plan, paths, on_warning=warn, allow_overflow=allow_overflow) as job:
         run_pass(job, job.total_bytes, "sweep", quiet)
         job.commit()
 

@@ -174,6 +174,10 @@ class _Span:
         return result
 
 
+# Output dtypes narrower in range than the FP32 sums: largest finite value (FP16 and both FP8 formats)
+RANGE_LIMITED = {"F16": 65504.0, "F8_E4M3": 448.0, "F8_E5M2": 57344.0}
+
+
 class MergePass:
     """Iterating runs the pass; each item is the number of input bytes read for one tensor.
 
@@ -216,6 +220,8 @@ class MergePass:
         self.on_warning = on_warning or (lambda message: None)
         self.tensors = tuple(plan.tensors if tensors is None else tensors)
         self._warned: set[tuple[str, int]] = set()
+        # tensor name -> values (over all outputs) beyond the output dtype's range, written as inf
+        self.overflows: dict[str, int] = {}
         self.coefficients = plan.coefficient_matrix()  # (outputs, checkpoints) float64
         self.used_inputs = used_inputs(plan)
         self._coefs32 = np.ascontiguousarray(self.coefficients[:, self.used_inputs], dtype=np.float32)
@@ -435,9 +441,11 @@ class MergePass:
                     self._find_non_finite(span.tensors, [[x] for x in inputs], start, start + size, chunk_start=start)
                 pieces.write(out, start, size)
             else:
-                result, finite = self._torch(out_name, schedule.chunk).run(inputs, span.in_dtypes)
+                result, finite, lost = self._torch(out_name, schedule.chunk).run(inputs, span.in_dtypes)
                 if not finite:
                     self._find_non_finite(span.tensors, [[x] for x in inputs], start, start + size, chunk_start=start)
+                if lost is not None:
+                    self._count_overflow(span.tensors, start, lost)
                 pieces.write(result, start, size)
 
     def _merge_span(self, span: _Span) -> None:
@@ -466,10 +474,25 @@ class MergePass:
         kernel = self._torch(out_name, chunk)
         for start in range(0, span.numel, chunk):
             stop = min(span.numel, start + chunk)
-            result, finite = kernel.run([x[start:stop] for x in inputs], in_dtypes)
+            result, finite, lost = kernel.run([x[start:stop] for x in inputs], in_dtypes)
             if not finite:
                 self._find_non_finite(span.tensors, views, start, stop)
+            if lost is not None:
+                self._count_overflow(span.tensors, start, lost)
             pieces.write(result, start, stop - start)
+
+    def _count_overflow(self, tensors: Sequence[TensorPlan], start: int, lost: np.ndarray) -> None:
+        """Add up, per tensor, the values (over all outputs) whose finite sum overflowed the output dtype;
+        ``lost`` counts them per element of the chunk starting at element ``start`` of the span."""
+        offset = 0
+        for tensor in tensors:
+            numel = math.prod(tensor.shape)
+            lo, hi = max(start, offset) - start, min(start + lost.size, offset + numel) - start
+            offset += numel
+            if lo < hi:
+                count = int(lost[lo:hi].sum())
+                if count:
+                    self.overflows[tensor.name] = self.overflows.get(tensor.name, 0) + count
 
     def _torch(self, out_name: str, chunk: int) -> _TorchKernel:
         kernel = self._torch_kernel
@@ -548,8 +571,9 @@ class _TorchKernel:
         ]
         self.storage = DTYPES[out_name][0]
 
-    def run(self, inputs: Sequence[np.ndarray], dtypes: Sequence[str]) -> tuple[np.ndarray, bool]:
-        """(outputs x size) results in the output storage type, and whether every sum is finite."""
+    def run(self, inputs: Sequence[np.ndarray], dtypes: Sequence[str]) -> tuple[np.ndarray, bool, np.ndarray | None]:
+        """(outputs x size) results in the output storage type, whether every sum is finite, and per element
+        how many outputs' finite sums overflowed the output dtype (None when none did)."""
         torch = self.torch
         size = inputs[0].size
         outputs = self.accumulators.shape[0]
@@ -568,10 +592,17 @@ class _TorchKernel:
         # reduction per chunk finds that cheaply, and only then are the inputs searched.
         finite = math.isfinite(float(self.accumulators[:, :size].sum()))
         full = self.accumulators
+        lost = None
         if self.rounded is not None:
             self.rounded[:, :size].copy_(self.accumulators[:, :size])
             full = self.rounded
-        return self.to_numpy(full).reshape(outputs, self.chunk)[:, :size], finite
+            if self.out_name in RANGE_LIMITED:  # a finite sum beyond FP16's (or FP8's) range becomes inf/NaN
+                rounded = self.rounded[:, :size]
+                rounded = rounded.to(torch.float16) if rounded.element_size() == 1 else rounded
+                overflowed = torch.isfinite(self.accumulators[:, :size]) & ~torch.isfinite(rounded)
+                if bool(overflowed.any()):
+                    lost = overflowed.sum(dim=0).numpy()
+        return self.to_numpy(full).reshape(outputs, self.chunk)[:, :size], finite, lost
 
 
 class _Pieces:

@@ -86,13 +86,15 @@ def execute(
     task: RunTask,
     on_bytes: Callable[[int], None] = lambda n: None,
     on_warning: Callable[[str], None] | None = None,
+    allow_overflow: bool = False,
 ) -> None:
-    """Write the run's missing outputs in one pass; a failure is stored in ``task.error`` (no file left)."""
+    """Write the run's missing outputs in one pass; a failure is stored in ``task.error`` (no file left).
+    ``allow_overflow``: see ``MergeJob``."""
     if task.plan is None or task.error is not None:
         return
     start = time.perf_counter()
     try:
-        with MergeJob(task.plan, task.paths, on_warning=on_warning) as job:
+        with MergeJob(task.plan, task.paths, on_warning=on_warning, allow_overflow=allow_overflow) as job:
             for done in job:
                 on_bytes(done)
             task.written = job.commit()

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ckpt_ema.engine.merge_pass import MemorySink, MergePass
+from ckpt_ema.engine.merge_pass import RANGE_LIMITED, MemorySink, MergePass
 from ckpt_ema.errors import OutputError, StrictError
 from ckpt_ema.jobs.integrity import (
     HASH_WIDTH,
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     import torch
 
 Numbers = Sequence[float | str]
+DTYPE_WORDS = {"F16": "FP16", "F8_E4M3": "FP8 E4M3", "F8_E5M2": "FP8 E5M2"}
 
 
 def plan_merge(
@@ -138,7 +139,8 @@ class MergeJob:
     streams and recorded as ``ckpt_ema.input.N.sha256`` (with the diverged-checkpoint check, which rides
     on the same read); off, the pass runs at the engine's speed. ``verify``: each file is read back and
     checked before it replaces anything. ``strict``: every warning is an error (``StrictError``) and
-    nothing is written.
+    nothing is written. Values beyond the output dtype's range (``--dtype fp16`` of large weights) are
+    refused at commit, naming the tensors, unless ``allow_overflow`` (then a warning).
     """
 
     def __init__(
@@ -151,8 +153,10 @@ class MergeJob:
         verify: bool = False,
         strict: bool = False,
         hash_inputs: bool = True,
+        allow_overflow: bool = False,
     ) -> None:
         self.paths = list(paths)
+        self.allow_overflow = allow_overflow
         self.plan = plan
         self.strict = strict
         self._on_warning = on_warning or (lambda message: None)
@@ -198,6 +202,8 @@ class MergeJob:
         """Finish the inputs' hashes, check for diverged checkpoints and for inputs that changed while being
         read, then finish and rename each output."""
         try:
+            if self.merge_pass.overflows:
+                self._overflowed(self.merge_pass.overflows)
             if self.hasher is not None:
                 self._hashes = self.hasher.finish()
                 diverged_checkpoints(self.plan, self.hasher.norms, self._warn)
@@ -235,6 +241,22 @@ class MergeJob:
         if self.strict:
             raise StrictError(f"{message} (--strict: no output written)")
         self._on_warning(message)
+
+    def _overflowed(self, overflows: dict[str, int]) -> None:
+        """Tensors whose FP32 sums were finite but beyond the output dtype's range: an error, or a warning."""
+        dtypes = {t.name: t.out_dtype for t in self.plan.tensors}
+        kinds = sorted({dtypes[name] for name in overflows})
+        ranges = ", ".join(f"{DTYPE_WORDS.get(k, k)} holds at most {RANGE_LIMITED[k]:g}" for k in kinds)
+        listed = sorted(overflows.items(), key=lambda item: (-item[1], item[0]))
+        shown = ", ".join(f"{name!r} ({count} values)" for name, count in listed[:6])
+        more = f" and {len(listed) - 6} more" if len(listed) > 6 else ""
+        text = f"{len(listed)} tensor(s) have values beyond the output dtype's range ({ranges}): {shown}{more}"
+        if not self.allow_overflow:
+            raise OutputError(
+                f"{text}; they would be written as inf: choose --dtype bf16 or fp32, or pass --allow-overflow "
+                "to write them anyway (no output written)"
+            )
+        self._warn(f"{text}; written as inf (--allow-overflow)")
 
     def _input_hashes(self) -> dict[str, str]:
         return {sha256_key(i): digest for i, digest in self._hashes.items()}
