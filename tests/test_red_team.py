@@ -652,7 +652,6 @@ def test_fp16_overflow_is_refused_unless_allowed_and_names_the_tensor(tmp_path):
     assert torch.isinf(load_file(out)["w"]).all()
 
 
-@OPEN
 @pytest.mark.parametrize("kind", ["dangling", "fifo", "folder"])
 def test_a_series_folder_says_what_it_skipped(tmp_path, kind):
     folder = tmp_path / "run"

@@ -136,10 +136,15 @@ class Part:
 
 @dataclass(frozen=True)
 class FileNote:
-    """A file or folder of a checkpoint that is not averaged, and why (shown by ``inspect``)."""
+    """A file or folder of a checkpoint that is not averaged, and why (shown by ``inspect``).
+
+    ``suspicious``: named like a checkpoint but unreadable as one (a dangling link, a FIFO, a folder named
+    ``step-500.safetensors``); ``merge`` and ``plan`` warn about those, not only ``inspect``.
+    """
 
     relpath: str
     reason: str
+    suspicious: bool = False
 
 
 class CheckpointSource:

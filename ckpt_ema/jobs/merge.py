@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckpt_ema.engine.merge_pass import RANGE_LIMITED, MemorySink, MergePass
 from ckpt_ema.errors import OutputError, StrictError
+from ckpt_ema.io.source import FileNote
 from ckpt_ema.jobs.integrity import (
     HASH_WIDTH,
     InputHasher,
@@ -39,6 +41,7 @@ from ckpt_ema.plan.ema import plan_ema
 from ckpt_ema.plan.model import Plan
 from ckpt_ema.plan.posthoc import plan_posthoc
 from ckpt_ema.plan.targets import in_steps, parse_targets
+from ckpt_ema.series.discover import discover_inputs
 from ckpt_ema.series.lengths import StepSize, check_per_step, parse_length, step_size_from_record
 from ckpt_ema.series.load import load_series
 
@@ -102,6 +105,8 @@ def plan_merge(
             inputs, in_steps(targets, given), tracked_sigma_rel, tracked_gamma, at=at_step(at, given), steps=steps,
             init=init, per_checkpoint=per_checkpoint, dtype=dtype,
         )  # fmt: skip
+    skipped: list[FileNote] = []  # what a series folder holds that looks like a checkpoint but is not one
+    discover_inputs(inputs, skipped)
     checkpoints = load_series(
         inputs,
         steps=steps,
@@ -112,10 +117,12 @@ def plan_merge(
         allow_mixed_runs=allow_mixed_runs,
     )
     size = step_size_from_record(checkpoints, [c.source.metadata for c in checkpoints], tokens, samples)
-    return plan_ema(
+    plan = plan_ema(
         checkpoints, targets, at=at_step(at, size), interp=interp, per_checkpoint=per_checkpoint, dtype=dtype,
         step_size=size,
     )  # fmt: skip
+    said = tuple(f"skipped {n.relpath}: {n.reason}" for n in skipped if n.suspicious)
+    return replace(plan, warnings=said + plan.warnings) if said else plan
 
 
 def at_step(at: int | str | None, size: StepSize | None) -> int | None:

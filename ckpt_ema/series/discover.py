@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 from ckpt_ema.errors import InputError
 from ckpt_ema.io import CHECKPOINT_SUFFIXES, FileNote
 from ckpt_ema.io.folder import CHECKPOINT_FOLDER_NAME, WEIGHT_NAME, is_checkpoint_folder
+from ckpt_ema.io.links import kind_of
 
 
 def discover_inputs(inputs: Sequence[str | os.PathLike], skipped: list[FileNote] | None = None) -> list[Path]:
@@ -63,11 +65,21 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], skipped: list[FileNote] |
             if not files and not folders:
                 raise InputError(f"{path}: folder holds no .safetensors files, torch files or checkpoint folders")
             chosen = set(files or folders)
-            notes.extend(
-                FileNote(str(p), "not a checkpoint")
-                for p in children
-                if p not in chosen and not p.name.startswith(".") and all(n.relpath != str(p) for n in notes)
-            )
+            odd = []
+            for p in children:
+                if p in chosen or p.name.startswith(".") or any(n.relpath == str(p) for n in notes):
+                    continue
+                why = _unreadable_checkpoint(p)
+                notes.append(FileNote(str(p), why or "not a checkpoint", suspicious=why is not None))
+                if why is not None:
+                    odd.append((p, why))
+            newest = max(files or folders, key=natural_key)
+            for p, why in odd:
+                if natural_key(p) > natural_key(newest):
+                    raise InputError(
+                        f"{p}: the newest entry of the series {path} is {why}, so it cannot be read; merging "
+                        "the others would silently leave out the newest checkpoint: fix it, or pass the ones you mean"
+                    )
             found.extend(files or folders)
         elif path.is_file():
             found.append(path)
@@ -83,6 +95,23 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], skipped: list[FileNote] |
         file = next(p for p in found if not p.is_dir())
         raise InputError(f"{folder} is a folder checkpoint but {file} is a file; a series cannot mix them")
     return found
+
+
+def _unreadable_checkpoint(path: Path) -> str | None:
+    """Why an entry named like a checkpoint (``.safetensors``, ``.pt``, ``checkpoint-N``) is not one, or None."""
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES and not CHECKPOINT_FOLDER_NAME.search(path.name):
+        return None
+    try:
+        if os.path.islink(path) and not path.exists():
+            return f"a symbolic link to {os.readlink(path)}, which does not exist"
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if stat.S_ISDIR(mode):
+        return "a folder named like a checkpoint file, holding no checkpoint"
+    if not stat.S_ISREG(mode):
+        return f"{kind_of(mode)}, not a checkpoint file"
+    return None
 
 
 def file_id(path: Path) -> tuple[int, int]:
