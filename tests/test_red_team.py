@@ -602,7 +602,6 @@ def test_a_tensor_name_that_is_not_utf8_is_refused(tmp_path):
     assert not out.exists()
 
 
-@OPEN
 @pytest.mark.slow
 def test_an_output_header_stays_within_the_limit_of_the_safetensors_library(tmp_path):
     limit = 100_000_000  # safetensors refuses longer headers (HeaderTooLarge)

@@ -39,6 +39,7 @@ except ImportError:  # Windows: stale temporary files are recognised by their pr
 TEMP_MARKER = ".ckpt-ema-tmp-"
 STALE_SECONDS = 600  # an unlocked temporary file this old is stale even if its process id was reused
 VERIFY_CHUNK = 8 << 20
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses longer headers (HeaderTooLarge)
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -199,6 +200,15 @@ def build_header(tensors: Sequence[TensorPlan], metadata: Mapping[str, str]) -> 
         sizes.append(size)
     text = json.dumps(entries, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)
+    if len(text) > MAX_HEADER_BYTES:
+        largest = max(metadata, key=lambda k: len(metadata[k]), default=None)
+        culprit = (
+            f"; its largest metadata entry is {largest!r} ({len(metadata[largest]):,} characters)" if largest else ""
+        )
+        raise OutputError(
+            f"the output's header would be {len(text):,} bytes, over the {MAX_HEADER_BYTES:,}-byte limit of the "
+            f"safetensors library, which could not read it{culprit}; no output written"
+        )
     return len(text).to_bytes(8, "little") + text, sizes
 
 
