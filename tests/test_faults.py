@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import subprocess
@@ -65,17 +66,73 @@ def one_error_line(result: CliRunner.Result) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # kill -9 at random moments: the output is absent or a complete, valid file; stale temporaries are cleaned
 
-FORK_SERVER = """
+FORK_SERVER = r"""
 import json, os, sys
 from ckpt_ema.cli import main
+MARK = ".ckpt-ema-tmp-"
+
+def stop_here(ready):
+    os.write(ready, b"stopped\n")  # the test kills or signals this process now
+    r, w = os.pipe()
+    os.read(r, 1)  # blocks for good: nobody writes to w
+
+def is_temp(fd):
+    try:
+        return MARK in os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return False
+
+def install(moment, count, ready, output):
+    if moment == "temp":  # the temporary file exists, the writer has not seen its descriptor yet
+        real_open = os.open
+        def hooked_open(path, flags, *args, **kwargs):
+            fd = real_open(path, flags, *args, **kwargs)
+            if MARK in os.fspath(path) and flags & os.O_CREAT:
+                stop_here(ready)
+            return fd
+        os.open = hooked_open
+    elif moment == "write":  # the count-th write into a temporary file (the first is the header)
+        real_fdopen = os.fdopen
+        calls = [0]
+        class Held:
+            def __init__(self, file):
+                self.file = file
+            def write(self, data):
+                calls[0] += 1
+                if calls[0] == count:
+                    stop_here(ready)
+                return self.file.write(data)
+            def __getattr__(self, name):
+                return getattr(self.file, name)
+        def hooked_fdopen(fd, *args, **kwargs):
+            file = real_fdopen(fd, *args, **kwargs)
+            return Held(file) if is_temp(fd) else file
+        os.fdopen = hooked_fdopen
+    elif moment == "fsync":  # the temporary file is complete, about to be flushed and renamed
+        real_fsync = os.fsync
+        def hooked_fsync(fd):
+            if is_temp(fd):
+                stop_here(ready)
+            return real_fsync(fd)
+        os.fsync = hooked_fsync
+    elif moment == "renamed":  # the output is in place; the run has not finished
+        real_replace = os.replace
+        def hooked_replace(src, dst, *args, **kwargs):
+            real_replace(src, dst, *args, **kwargs)
+            if os.fspath(dst) == output:
+                stop_here(ready)
+        os.replace = hooked_replace
+
 for line in sys.stdin:
+    request = json.loads(line)
     pid = os.fork()
     if pid == 0:
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
-        os.dup2(null, 2)
+        os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if request["stderr"] else null, 2)
+        install(request["moment"], request["count"], request["ready"], request["output"])
         try:
-            main(json.loads(line), prog_name="ckpt-ema")
+            main(request["args"], prog_name="ckpt-ema")
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -89,75 +146,84 @@ for line in sys.stdin:
 class ForkServer:
     """A Python process that has imported ckpt-ema once and forks a fresh ``ckpt-ema`` process per run.
 
-    Each run is a real separate process (killed with SIGKILL by the test); forking saves the second of
-    importing torch that every fresh interpreter would spend.
+    Each run is a real separate process; forking saves the second of importing torch that every fresh
+    interpreter would spend. A run can be stopped at a chosen moment (``moment``: ``temp``, ``write``
+    with the ``count``-th write, ``fsync``, ``renamed``): it says so on a pipe and waits there, so that
+    the test kills or signals it exactly then, whatever the load of the machine (no sleeps, no races).
     """
 
     def __init__(self) -> None:
+        self.ready_r, self.ready_w = os.pipe()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", FORK_SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", FORK_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            pass_fds=(self.ready_w,),
         )
 
-    def start(self, args: list[str]) -> int:
-        self.process.stdin.write(json.dumps([str(a) for a in args]) + "\n")
+    def start(self, args: list, moment: str | None = None, count: int = 0, stderr: Path | None = None) -> int:
+        output = str(args[args.index("-o") + 1]) if "-o" in args else ""
+        request = {"args": [str(a) for a in args], "moment": moment, "count": count, "ready": self.ready_w}
+        request.update(output=output, stderr=str(stderr) if stderr else "")
+        self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         return int(self.process.stdout.readline())
+
+    def stopped(self, timeout: float = 300.0) -> bool:
+        """Wait until the run reports its moment (True) or finishes without reaching it (False)."""
+        readable, _, _ = select.select([self.ready_r, self.process.stdout], [], [], timeout)
+        if self.ready_r in readable:
+            os.read(self.ready_r, 8)
+            return True
+        assert readable, "the run neither reached its moment nor finished"
+        return False
 
     def wait(self) -> int:
         return int(self.process.stdout.readline())
 
     def close(self) -> None:
         self.process.stdin.close()
-        self.process.wait(timeout=30)
-
-
-def wait_for(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.002)
-    return False
+        self.process.wait(timeout=60)
+        os.close(self.ready_r)
+        os.close(self.ready_w)
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_never_leaves_a_partial_output(tmp_path):
+def test_kill_9_at_chosen_moments_never_leaves_a_partial_output(tmp_path):
     inputs = make_series(tmp_path / "run", tensors=300, size=1024)  # 5 x 1.2 MB, 300 tensors each
     out_folder = tmp_path / "out"
     out_folder.mkdir()
     good = out_folder / "good.safetensors"
     server = ForkServer()
     try:
-        server.start(["merge", *inputs, *TARGET, "-o", good])  # warms the page cache
-        assert os.WEXITSTATUS(server.wait()) == 0
-        pid = server.start(["merge", *inputs, *TARGET, "-o", good, "--force"])
-        assert wait_for(good.with_name(f".{good.name}{TEMP_MARKER}{pid}").exists, 30)
-        started = time.monotonic()  # how long the temporary file lives: the window to hit
-        assert wait_for(good.exists, 30)
-        duration = max(time.monotonic() - started, 0.02)
+        server.start(["merge", *inputs, *TARGET, "-o", good])
         assert os.WEXITSTATUS(server.wait()) == 0
         reference = load_file(good)
         random_ = random.Random(7)
+        moments = ["renamed", "temp", "write", "fsync", "write"]  # the last run is killed while writing
         killed_while_writing = 0
         for iteration in range(15):
             # Even runs replace an existing good output (--force), odd runs write a new name.
             target = good if iteration % 2 == 0 else out_folder / f"new-{iteration}.safetensors"
-            pid = server.start(["merge", *inputs, *TARGET, "-o", target, "--force"])
+            moment = moments[iteration % len(moments)]
+            count = random_.randint(2, 300)  # the header is write 1; each tensor is at least one more
+            pid = server.start(["merge", *inputs, *TARGET, "-o", target, "--force"], moment, count)
+            assert server.stopped(), f"run {iteration} finished before {moment} {count}"
             temp = target.with_name(f".{target.name}{TEMP_MARKER}{pid}")
-            wait_for(temp.exists, 10)
-            time.sleep(random_.uniform(0, 1.5 * duration))
             writing = temp.exists()
-            with contextlib.suppress(ProcessLookupError):  # it may have finished already
-                os.kill(pid, signal.SIGKILL)
-            status = server.wait()
-            killed_while_writing += writing and os.WIFSIGNALED(status)
+            assert writing == (moment != "renamed")
+            os.kill(pid, signal.SIGKILL)
+            assert os.WIFSIGNALED(server.wait())
+            assert temp.exists() == writing  # kill -9 leaves its temporary file: no handler can run
+            killed_while_writing += writing
             for path in out_folder.glob("*.safetensors"):  # absent, or complete and equal to a good run
                 result = load_file(path)
                 assert result.keys() == reference.keys()
                 assert all(torch.equal(result[k], reference[k]) for k in reference), path
                 with safe_open(str(path), "pt") as f:
                     assert f.metadata()["ckpt_ema.input.4.sha256"] == hashlib.sha256(inputs[4].read_bytes()).hexdigest()
-        assert killed_while_writing >= 3, killed_while_writing  # the kills did land during the writes
+        assert killed_while_writing == 12
         assert temps(out_folder), "kill -9 leaves its temporary file (no handler can run)"
         server.start(["merge", *inputs, *TARGET, "-o", out_folder / "last.safetensors"])
         assert os.WEXITSTATUS(server.wait()) == 0
@@ -167,36 +233,27 @@ def test_kill_9_at_random_moments_never_leaves_a_partial_output(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Ctrl-C and SIGTERM in a real subprocess: temporary file removed, one line, exit 130 / 143
+# Ctrl-C and SIGTERM while writing: temporary file removed, one line, exit 130 / 143
 
 
 @pytest.mark.parametrize(
     "signum, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
 )
 def test_sigint_and_sigterm_remove_the_temporary_file(tmp_path, signum, code, word):
-    # The signal must land while the merge writes; a fast machine can finish first, so the series grows
-    # until one attempt is caught mid-write (a finished run is not a failure, only not a test).
-    for attempt, size in enumerate((1024, 8192, 32768)):
-        inputs = make_series(tmp_path / f"run{attempt}", tensors=2000, size=size)
-        out = tmp_path / f"out{attempt}" / "ema.safetensors"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ckpt_ema", "merge", *map(str, inputs), *TARGET, "-o", str(out)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        folder = out.parent
-        assert wait_for(lambda: folder.exists() and temps(folder) != [], 60)  # noqa: B023 (called here)
-        time.sleep(0.05)
-        process.send_signal(signum)
-        stdout, stderr = process.communicate(timeout=60)
-        if process.returncode == 0 and out.exists():
-            continue  # finished before the signal arrived: try a longer merge
-        assert process.returncode == code, stderr
-        assert stderr.strip().splitlines() == [f"ckpt-ema: {word}; no output written, temporary files removed"]
-        assert temps(out.parent) == [] and not out.exists()
-        return
-    pytest.fail("every merge finished before the signal arrived")
+    inputs = make_series(tmp_path / "run", tensors=50)
+    out = tmp_path / "out" / "ema.safetensors"
+    stderr = tmp_path / "stderr.txt"
+    server = ForkServer()
+    try:
+        pid = server.start(["merge", *inputs, *TARGET, "-o", out], "write", 20, stderr)
+        assert server.stopped()  # in the middle of writing its 20th piece
+        assert temps(out.parent) != []
+        os.kill(pid, signum)
+        assert os.WEXITSTATUS(server.wait()) == code
+    finally:
+        server.close()
+    assert stderr.read_text().strip().splitlines() == [f"ckpt-ema: {word}; no output written, temporary files removed"]
+    assert temps(out.parent) == [] and not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -543,7 +600,9 @@ def test_no_thread_or_file_outlives_a_job(tmp_path):
     inputs = make_series(tmp_path / "run", scale={400: 50.0})
     assert run("merge", *inputs, *TARGET, "-o", tmp_path / "a.safetensors").exit_code == 0
     assert run("merge", *inputs, *TARGET, "-o", tmp_path / "b.safetensors", "--strict").exit_code == 1  # aborted
-    assert wait_for(lambda: not any(t.name == "ckpt-ema-hash" for t in threading.enumerate()), 5)
+    for thread in [t for t in threading.enumerate() if t.name == "ckpt-ema-hash"]:
+        thread.join(timeout=120)  # an idle hash thread ends by itself: wait for that, not for a fixed time
+        assert not thread.is_alive()
     gc.collect()  # the readers' memory maps (each holds a descriptor) go with the plan
     if os.path.isdir("/proc/self/fd"):
         assert files_open_in(tmp_path) == []
