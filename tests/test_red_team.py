@@ -376,8 +376,11 @@ def is_temp(fd):
 
 if moment == "import":
     real_import = builtins.__import__
+    STARTED = []
     def hooked_import(name, *args, **kwargs):
-        if name == "torch" and "torch" not in sys.modules:
+        # the first of the heavy imports of start-up (ckpt-ema's own handlers are installed before it)
+        if name in ("click", "numpy", "torch") and name not in sys.modules and not STARTED:
+            STARTED.append(name)
             stop_here("import")
         return real_import(name, *args, **kwargs)
     builtins.__import__ = hooked_import
