@@ -35,8 +35,7 @@ TARGET = ["--half-life", "100"]
 TEMP_MARKER = ".ckpt-ema-tmp-"
 ROOT = Path(__file__).resolve().parent.parent
 # C0 controls but tab and newline, DEL, C1 controls: what a terminal may act on
-# Each test below reproduces one hole of issue 12; OPEN marks the ones whose fix has not landed yet.
-OPEN = pytest.mark.xfail(strict=True, reason="issue 12: not fixed yet")
+# Each test below reproduced one hole of issue 12 on the code before its fix (then marked xfail, strict).
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 

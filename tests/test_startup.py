@@ -35,7 +35,7 @@ def imported(*args: object) -> tuple[set[str], str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("CKPT_EMA_KERNEL", None)
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, *map(str, args)], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", PROBE, *map(str, args)], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr
     line = [x for x in result.stderr.splitlines() if x.startswith("IMPORTED:")][-1]
