@@ -330,6 +330,26 @@ def test_a_folder_output_keeps_the_inputs_mode(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
 
 
+def test_a_dcp_output_keeps_the_inputs_mode(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    run_dir = tmp_path / "run"
+    with warnings.catch_warnings():  # dcp.save in one process, without a process group, says so
+        warnings.simplefilter("ignore")
+        for step in (100, 200, 300):
+            dcp.save({"w": torch.full((8,), float(step))}, checkpoint_id=str(run_dir / f"step-{step}"))
+    for path in [run_dir, *run_dir.rglob("*")]:
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    out = tmp_path / "ema"
+    result = run("merge", run_dir, "--steps", "100,200,300", "--half-life", "100", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    for path in out.rglob("*"):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o700 if path.is_dir() else 0o600), path
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Security: a legacy (pre-1.6) pickle with code is reported as code, not as a file to re-save
 

@@ -144,7 +144,12 @@ class DcpDataFile:
     """Streams one ``__R_0.distcp`` file; tensors must arrive in the order given, each exactly once."""
 
     def __init__(
-        self, path: Path, tensors: Sequence[TensorPlan], relpath: str | None = None, digest: bool = False
+        self,
+        path: Path,
+        tensors: Sequence[TensorPlan],
+        relpath: str | None = None,
+        digest: bool = False,
+        mode: int = 0o644,  # permission bits of the file (the inputs' most restrictive: output.paths.output_mode)
     ) -> None:
         self.path = path
         self.digest = hashlib.sha256() if digest else None
@@ -159,7 +164,7 @@ class DcpDataFile:
         self.stored: list[StoredTensor] = []
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-            self._file = os.fdopen(os.open(self.temp_path, flags, 0o644), "wb", buffering=0)
+            self._file = os.fdopen(os.open(self.temp_path, flags, mode), "wb", buffering=0)
         except FileExistsError:
             raise OutputError(f"{self.temp_path}: already exists (another run writing {path}?)") from None
         except OSError as exc:
@@ -282,10 +287,11 @@ def build_metadata(stored: Sequence[StoredTensor], checkpoint_id: str) -> object
     )
 
 
-def write_metadata(folder: Path, stored: Sequence[StoredTensor], final: Path) -> None:
+def write_metadata(folder: Path, stored: Sequence[StoredTensor], final: Path, mode: int = 0o644) -> None:
     """``.metadata`` (through a temporary name: its appearance completes the checkpoint)."""
     temp = folder / f"{METADATA_NAME}.tmp-{os.getpid()}"
-    with open(temp, "wb") as f:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(temp, flags, mode), "wb") as f:
         pickle.dump(build_metadata(stored, str(final)), f)
         f.flush()
         os.fsync(f.fileno())
@@ -298,7 +304,7 @@ def write_provenance(folder: Path, metadata: Mapping[str, str], options: WriteOp
     if options is not None and options.late_metadata:
         late = options.late_values() if options.late_values else {}
         values.update({k: v for k, v in late.items() if k in options.late_metadata})
-    write_json_atomic(folder / PROVENANCE_NAME, {"metadata": values})
+    write_json_atomic(folder / PROVENANCE_NAME, {"metadata": values}, options.mode if options else 0o644)
 
 
 class DcpWriter:
@@ -325,8 +331,10 @@ class DcpWriter:
         self._data: DcpDataFile | None = None
         try:
             remove_stale_temps(self.path.parent)
-            self.temp.mkdir(parents=True)
-            self._data = DcpDataFile(self.temp / data_file_name(0), tensors, digest=self._options.verify)
+            self.temp.mkdir(mode=self._options.folder_mode, parents=True)
+            self._data = DcpDataFile(
+                self.temp / data_file_name(0), tensors, digest=self._options.verify, mode=self._options.mode
+            )
         except OSError as exc:
             self.abort()
             raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
@@ -347,7 +355,7 @@ class DcpWriter:
             if self._data.digest is not None:
                 verify_data_file(self._data, self._data.digest.digest())
             write_provenance(self.temp, self._metadata, self._options)
-            write_metadata(self.temp, self._data.stored, self.path)
+            write_metadata(self.temp, self._data.stored, self.path, self._options.mode)
             old = None
             if self.path.exists():
                 old = self.path.parent / f".{self.path.name}.ckpt-ema-old-{os.getpid()}"

@@ -75,10 +75,13 @@ class OutputWriter(Protocol):
     def abort(self) -> None: ...
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON (indented, newline-terminated) atomically: a temporary file in the same folder, then a rename."""
+def write_json_atomic(path: Path, data: object, mode: int = 0o644) -> None:
+    """Write JSON (indented, newline-terminated) atomically: a temporary file in the same folder, then a rename.
+    ``mode``: the file's permission bits (less the umask)."""
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(temp, flags, mode), "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=2) + "\n")
     os.replace(temp, path)
 
 
