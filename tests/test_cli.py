@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ckpt_ema import merge_to_state_dict
 from ckpt_ema.cli import main
+from ckpt_ema.jobs.integrity import DEFAULT_HASH
 
 from .reference import invoke as run
 
@@ -340,8 +341,8 @@ def test_no_hash_skips_the_input_hashes_and_gives_the_same_tensors(tmp_path, ser
     assert run("merge", *series, "--decay", "0.9", "-o", hashed).exit_code == 0
     assert run("merge", *series, "--decay", "0.9", "--no-hash", "--verify", "-o", plain).exit_code == 0
     with safe_open(str(hashed), "pt") as f:
-        assert "ckpt_ema.input.0.sha256" in f.metadata()
+        assert f"ckpt_ema.input.0.{DEFAULT_HASH}" in f.metadata()
     with safe_open(str(plain), "pt") as f:
-        assert not any(k.endswith(".sha256") for k in f.metadata())
+        assert not any(k.endswith((".sha256", ".blake3")) for k in f.metadata())
     a, b = load_file(hashed), load_file(plain)
     assert all(torch.equal(a[k], b[k]) for k in a)

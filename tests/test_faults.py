@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ckpt_ema.jobs.integrity import DEFAULT_HASH
 from ckpt_ema.output import writer
 from ckpt_ema.output.writer import TEMP_MARKER, SafetensorsWriter, WriteOptions, remove_stale_temps
 
@@ -208,7 +209,8 @@ def test_kill_9_at_chosen_moments_never_leaves_a_partial_output(tmp_path):
             target = good if iteration % 2 == 0 else out_folder / f"new-{iteration}.safetensors"
             moment = moments[iteration % len(moments)]
             count = random_.randint(2, 300)  # the header is write 1; each tensor is at least one more
-            pid = server.start(["merge", *inputs, *TARGET, "-o", target, "--force"], moment, count)
+            args = ["merge", *inputs, *TARGET, "-o", target, "--force", "--hash-algorithm", "sha256"]
+            pid = server.start(args, moment, count)
             assert server.stopped(), f"run {iteration} finished before {moment} {count}"
             temp = target.with_name(f".{target.name}{TEMP_MARKER}{pid}")
             writing = temp.exists()
@@ -455,22 +457,34 @@ def test_stale_temporaries_removed_but_not_live_ones_nor_links(tmp_path):
 # Integrity: SHA-256 provenance, reserved header slots, --verify
 
 
-def test_inputs_sha256_recorded_in_the_provenance(tmp_path):
+def _file_hash(algorithm: str, data: bytes) -> str:
+    if algorithm == "sha256":
+        return hashlib.sha256(data).hexdigest()
+    blake3 = pytest.importorskip("blake3")
+    return blake3.blake3(data).hexdigest()
+
+
+@pytest.mark.parametrize("algorithm", [None, "sha256", "blake3"])
+def test_inputs_hashes_recorded_in_the_provenance(tmp_path, algorithm):
     inputs = make_series(tmp_path / "run", tensors=30, size=4096)
     out = tmp_path / "ema.safetensors"
-    assert run("merge", *inputs, *TARGET, "-o", out).exit_code == 0
+    chosen = ["--hash-algorithm", algorithm] if algorithm else []
+    assert run("merge", *inputs, *TARGET, "-o", out, *chosen).exit_code == 0
     with safe_open(str(out), "pt") as f:
         metadata = f.metadata()
+    algorithm = algorithm or DEFAULT_HASH  # blake3 when the package is installed (a dependency)
+    other = {"sha256": "blake3", "blake3": "sha256"}[algorithm]
     for index, path in enumerate(inputs):
         assert metadata[f"ckpt_ema.input.{index}.path"] == str(path)
-        assert metadata[f"ckpt_ema.input.{index}.sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+        assert metadata[f"ckpt_ema.input.{index}.{algorithm}"] == _file_hash(algorithm, path.read_bytes())
+        assert f"ckpt_ema.input.{index}.{other}" not in metadata
 
 
 def test_a_sharded_folder_checkpoint_records_the_hash_of_its_sha256sum_manifest(tmp_path):
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     make_folder_series(tmp_path / "run")
     out = tmp_path / "out"
-    assert run("merge", tmp_path / "run", *TARGET, "-o", out, "--verify").exit_code == 0
+    assert run("merge", tmp_path / "run", *TARGET, "-o", out, "--verify", "--hash-algorithm", "sha256").exit_code == 0
     with safe_open(str(out / shards[0]), "pt") as f:
         metadata = f.metadata()
     first = tmp_path / "run" / "checkpoint-100"

@@ -20,6 +20,7 @@ from ckpt_ema.cli.common import (
     warn,
 )
 from ckpt_ema.jobs import distributed
+from ckpt_ema.jobs.integrity import DEFAULT_HASH, HASH_ALGORITHMS
 from ckpt_ema.jobs.merge import MergeJob
 from ckpt_ema.output.layouts import FORMATS
 from ckpt_ema.output.paths import output_paths, sharded_output_folders
@@ -57,8 +58,15 @@ from ckpt_ema.report.text import describe_output, describe_plan
     "hash_inputs",
     default=True,
     show_default=True,
-    help="Record each input's SHA-256 (and check for diverged checkpoints) while streaming; "
+    help="Record each input's hash (and check for diverged checkpoints) while streaming; "
     "--no-hash runs at the engine's speed.",
+)
+@click.option(
+    "--hash-algorithm",
+    type=click.Choice(list(HASH_ALGORITHMS)),
+    default=DEFAULT_HASH,
+    show_default=True,
+    help="blake3 (fast: hidden behind the disk) or sha256 (the ids the Hugging Face Hub shows for LFS files).",
 )
 @user_errors
 def merge(
@@ -70,6 +78,7 @@ def merge(
     strict: bool,
     hash_inputs: bool,
     allow_overflow: bool,
+    hash_algorithm: str,
     **options: Any,
 ) -> None:
     """Write the EMA of a checkpoint series for each target, in one pass over the files.
@@ -98,7 +107,7 @@ def merge(
 
     job = MergeJob(
         plan, paths, on_warning=warn, fmt=fmt, verify=verify, strict=strict, hash_inputs=hash_inputs,
-        allow_overflow=allow_overflow,
+        allow_overflow=allow_overflow, hash_algorithm=hash_algorithm,
     )  # fmt: skip
     with job:
         run_pass(job, job.total_bytes, "merge", quiet)

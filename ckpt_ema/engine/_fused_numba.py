@@ -283,3 +283,14 @@ def _match_threads() -> None:
 
 
 _match_threads()
+
+
+@numba.njit(fastmath=True, nogil=True, cache=True)
+def sum_of_squares_kernel(address, like, n):  # pragma: no cover - compiled
+    """Sum of ``x*x`` over ``n`` BF16 (uint16 bits) or FP32 values from ``address``, accumulated in float64."""
+    values = numba.carray(_pointer(address, like), n)
+    total = 0.0
+    for i in range(n):
+        x = np.float64(_f32(values[i]))
+        total += x * x
+    return total

@@ -43,3 +43,17 @@ def weighted_sums(addresses: np.ndarray, in_dtype: str, coefs: np.ndarray, n: in
 
     like = np.empty(0, dtype=INPUT_KINDS[in_dtype])
     return int(weighted_sums_kernel(addresses, like, coefs, n, out))
+
+
+def sum_of_squares(data: memoryview, dtype: str) -> float:
+    """Sum of the squared values of raw bytes of a float tensor stored as ``dtype`` (BF16/FP32 in numba,
+    float64 sums; other dtypes, or without numba, in numpy with float32 products)."""
+    if AVAILABLE and dtype in INPUT_KINDS and len(data):
+        from ckpt_ema.engine._fused_numba import sum_of_squares_kernel
+
+        raw = np.frombuffer(data, dtype=np.uint8)
+        like = np.empty(0, dtype=INPUT_KINDS[dtype])
+        return float(sum_of_squares_kernel(raw.ctypes.data, like, raw.size // like.itemsize))
+    from ckpt_ema.io.safetensors_format import sum_of_squares as numpy_sum_of_squares
+
+    return numpy_sum_of_squares(data, dtype)

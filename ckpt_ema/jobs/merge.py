@@ -24,7 +24,7 @@ from ckpt_ema.jobs.integrity import (
     InputHasher,
     check_inputs_unchanged,
     diverged_checkpoints,
-    sha256_key,
+    hash_key,
 )
 from ckpt_ema.output.layouts import open_output, output_metadata
 from ckpt_ema.output.lock import OutputLock
@@ -142,9 +142,10 @@ class MergeJob:
     :func:`abort_live_jobs`, which the command line calls on Ctrl-C and SIGTERM, whatever moment they
     arrive at (even before the job's ``with`` block is entered). Each output is locked for the job's
     lifetime (``OutputLock``): a second run writing the same output is refused. Before writing, the
-    outputs must fit in the free space. ``hash_inputs``: the inputs' SHA-256 are computed while the pass
-    streams and recorded as ``ckpt_ema.input.N.sha256`` (with the diverged-checkpoint check, which rides
-    on the same read); off, the pass runs at the engine's speed. ``verify``: each file is read back and
+    outputs must fit in the free space. ``hash_inputs``: the inputs' hashes are computed from the bytes
+    the pass reads and recorded as ``ckpt_ema.input.N.blake3`` (``hash_algorithm="sha256"``:
+    ``ckpt_ema.input.N.sha256``), with the diverged-checkpoint check, which rides on the same read; off,
+    the pass runs at the engine's speed. ``verify``: each file is read back and
     checked before it replaces anything. ``strict``: every warning is an error (``StrictError``) and
     nothing is written. Values beyond the output dtype's range (``--dtype fp16`` of large weights) are
     refused at commit, naming the tensors, unless ``allow_overflow`` (then a warning).
@@ -161,6 +162,7 @@ class MergeJob:
         strict: bool = False,
         hash_inputs: bool = True,
         allow_overflow: bool = False,
+        hash_algorithm: str | None = None,
     ) -> None:
         self.paths = list(paths)
         self.allow_overflow = allow_overflow
@@ -183,8 +185,9 @@ class MergeJob:
                 remove_stale_temps(folder)
             for lock in self._locks:
                 lock.acquire()
-            self.hasher = InputHasher(plan) if hash_inputs else None
-            late = {sha256_key(i): HASH_WIDTH for i in self.hasher.hashed} if self.hasher else {}
+            self.hasher = InputHasher(plan, algorithm=hash_algorithm) if hash_inputs else None
+            algorithm = self.hasher.algorithm if self.hasher else ""
+            late = {hash_key(i, algorithm): HASH_WIDTH for i in self.hasher.hashed} if self.hasher else {}
             options = WriteOptions(
                 verify=verify, late_metadata=late, late_values=self._input_hashes, mode=output_mode(plan)
             )
@@ -266,7 +269,8 @@ class MergeJob:
         self._warn(f"{text}; written as inf (--allow-overflow)")
 
     def _input_hashes(self) -> dict[str, str]:
-        return {sha256_key(i): digest for i, digest in self._hashes.items()}
+        algorithm = self.hasher.algorithm if self.hasher else ""
+        return {hash_key(i, algorithm): digest for i, digest in self._hashes.items()}
 
     def __enter__(self) -> MergeJob:
         return self
