@@ -98,8 +98,8 @@ def test_truncated_data_file_is_an_error_naming_it(tmp_path: Path, nested_run: P
     shutil.copytree(nested_run / "step-20", folder)
     data = folder / "__0_0.distcp"
     data.write_bytes(data.read_bytes()[:2000])
-    source = open_dcp(folder)  # metadata only: fine
     with pytest.raises(InputError, match=r"__0_0\.distcp.*truncated"):
+        source = open_dcp(folder)  # the blobs' zip directories are read here
         for name in source.tensors:
             flat(source, name)
 
@@ -275,3 +275,16 @@ def test_sharded_tensors_are_merged_chunk_by_chunk_never_assembled(
     pieces, whole = _load_output(tmp_path / "pieces"), _load_output(tmp_path / "assembled")
     for name in whole:
         assert torch.equal(pieces[name], whole[name]), name
+
+
+def test_verify_and_dtype_with_a_dcp_output(nested_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ema"
+    run("merge", nested_run, "--decay", "0.9", "-o", out, "--verify", "--dtype", "bf16")
+    state = {k: torch.zeros_like(v, dtype=torch.bfloat16) for k, v in make_model().state_dict().items()}
+    _quiet_load(state, out)
+    reference = ema_reference(STEPS, _truth(nested_run), 0.9)
+    for name, expected in reference.items():  # rounded once to BF16: within half a BF16 ulp (2^-9 relative)
+        assert state[name].dtype == torch.bfloat16
+        assert np.allclose(state[name].double().numpy(), expected, rtol=2**-8, atol=1e-6), name
+    result = run("merge", nested_run, "--decay", "0.9", "-o", out, expect=1)
+    assert "already exists; pass --force" in result.output

@@ -14,9 +14,9 @@ length)``. A tensor sharded across ranks (FSDP2/DTensor) has one chunk per shard
 How it is read here, without running any pickle code: ``.metadata`` goes through an unpickler that only
 knows the DCP metadata classes (and ``torch.Size``, dtypes); each chunk's ``torch.save`` blob is opened with
 ``torch.load(weights_only=True, map_location="meta")``, which reads only its small header and pickle and
-gives where the data record starts; the data is then a zero-copy view of a read-only mapping of the file,
-exactly like a safetensors tensor. A tensor stored in one chunk costs no copy; a tensor sharded on dim 0
-(FSDP2) is merged chunk by chunk (:func:`pieces`, ``CheckpointSource.flat_range``), each chunk a view;
+gives where the data record starts; a tensor in one chunk then has a byte range (read like a safetensors
+tensor), a chunk read by ``flat`` is a zero-copy view of a read-only mapping of the file. A tensor sharded
+on dim 0 (FSDP2) is merged chunk by chunk (:func:`pieces`, ``CheckpointSource.flat_range``), each chunk a view;
 other shardings are assembled from their chunks into one buffer, one tensor at a time.
 
 Only model weights are averaged: entries under ``optimizer``, ``dataloader``, ``lr_scheduler``,
@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import math
 import mmap
+import os
 import pathlib
 import pickle
 import platform
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ckpt_ema.errors import InputError
+from ckpt_ema.io.safetensors_format import DTYPES, TensorInfo
 from ckpt_ema.io.source import CheckpointSource, FileNote, Part, TensorInfoLike, TensorMeta, WeightFile, dtype_name
 
 if TYPE_CHECKING:
@@ -573,8 +575,9 @@ def open_dcp(path: Path) -> CheckpointSource:
         except OSError:
             raise InputError(f"{path / relpath}: missing; the DCP checkpoint is incomplete") from None
     by_file: dict[str, dict[str, TensorInfoLike]] = {relpath: {} for relpath in data_files}
+    ranges = _byte_ranges(path, tensors)
     for name, tensor in tensors.items():
-        by_file[tensor.chunks[0].relpath][name] = TensorMeta(tensor.dtype, tensor.shape)
+        by_file[tensor.chunks[0].relpath][name] = ranges.get(name) or TensorMeta(tensor.dtype, tensor.shape)
     weight_files = [  # also the files holding only later chunks: their bytes are read (and hashed) too
         WeightFile(
             relpath,
@@ -603,6 +606,43 @@ def open_dcp(path: Path) -> CheckpointSource:
     if record is not None:
         source.step_records.append(record)
     return source
+
+
+def _byte_ranges(folder: Path, tensors: Mapping[str, DcpTensor]) -> dict[str, TensorInfo]:
+    """Where the data of each tensor stored in one contiguous chunk lies in its ``.distcp`` file.
+
+    Such a tensor is then read like a safetensors tensor, by byte range (the engine's read-ahead path);
+    each blob's zip directory and pickle are read for it (``torch.load(map_location="meta")``, about 1.5 kB).
+    Tensors in several chunks, or stored strided, are left to ``flat``.
+    """
+    result: dict[str, TensorInfo] = {}
+    files: dict[str, io.BufferedReader] = {}
+    try:
+        for name, tensor in tensors.items():
+            if len(tensor.chunks) != 1 or not math.prod(tensor.shape):
+                continue
+            chunk = tensor.chunks[0]
+            if chunk.relpath not in files:
+                files[chunk.relpath] = open(folder / chunk.relpath, "rb")  # noqa: SIM115 (closed below)
+            where = f"{folder / chunk.relpath} ({tensor.fqn})"
+            if chunk.offset + chunk.length > os.fstat(files[chunk.relpath].fileno()).st_size:
+                raise InputError(f"{where}: lies beyond the end of the file; the checkpoint is truncated")
+            start, meta = locate_blob(files[chunk.relpath], chunk.offset, chunk.length, where)
+            nbytes = math.prod(tensor.shape) * DTYPES[tensor.dtype][1]
+            if (
+                dtype_name(meta.dtype) != tensor.dtype
+                or tuple(meta.shape) != tensor.shape
+                or not meta.is_contiguous()
+                or start + nbytes > chunk.offset + chunk.length
+            ):
+                continue  # flat() reads it, and says what is wrong if anything is
+            result[name] = TensorInfo(tensor.dtype, tensor.shape, start, start + nbytes)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        for file in files.values():
+            file.close()
+    return result
 
 
 def _data_file_order(relpath: str) -> tuple[int, int, str]:
