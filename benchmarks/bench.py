@@ -43,6 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_dcp  # noqa: E402  (the DCP table, beside this file)
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {
     1: ["--decay", "0.9995"],
@@ -407,6 +410,9 @@ def main() -> None:
     parser.add_argument("--no-scale", action="store_true", help="skip the scale table")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--merge-args", default="", help="extra arguments for every ckpt-ema merge run")
+    parser.add_argument(
+        "--dcp", default="4x512", metavar="COUNTxMB", help="the DCP series of the DCP table (default 4x512; 0: skip)"
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from ckpt_ema.engine import fused
@@ -435,11 +441,22 @@ def main() -> None:
             rows = main_table(series, paths, warm_out, folder / "out", args)
             shutil.rmtree(series, ignore_errors=True)
             scale = None if args.no_scale else scale_table(folder, args.count, args.size_mb, warm_out, args)
+            dcp = _bench_dcp(folder, args.dcp, args.repeat)
         finally:
             shutil.rmtree(warm_out, ignore_errors=True)
     print_report(info, rows, scale)
+    if dcp is not None:
+        bench_dcp.print_dcp(dcp)
     if args.json:
-        args.json.write_text(json.dumps({"info": info, "rows": rows, "scale": scale}, indent=2))
+        args.json.write_text(json.dumps({"info": info, "rows": rows, "scale": scale, "dcp": dcp}, indent=2))
+
+
+def _bench_dcp(folder: Path, spec: str, repeat: int) -> dict[str, object] | None:
+    """The DCP table (benchmarks/bench_dcp.py): ``COUNTxMB`` checkpoints, or None for ``0``."""
+    if spec in ("", "0"):
+        return None
+    count, _, size_mb = spec.partition("x")
+    return bench_dcp.bench_dcp(folder, int(count), int(size_mb), repeat, layout, run_cli, best)
 
 
 def _version(package: str) -> str:
