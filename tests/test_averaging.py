@@ -246,3 +246,29 @@ def test_plan_plot_draws_them(sparse, tmp_path):
     pytest.importorskip("matplotlib")
     run("plan", sparse, "--window", 40, "--lr-decay", "cosine:40", "--last", 3, "--plot", tmp_path / "w.png")
     assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tokens_per_step_from_a_real_transformers_trainer(tmp_path, monkeypatch):
+    # The Trainer's own saving code with include_num_input_tokens_seen: checkpoint-N/trainer_state.json holds
+    # num_input_tokens_seen; 2 sequences of 8 tokens per step make 16 tokens per step.
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
+    data = [{"input_ids": torch.randint(0, 64, (8,)), "labels": torch.randint(0, 64, (8,))} for _ in range(32)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=6, save_steps=2, per_device_train_batch_size=2,
+        include_num_input_tokens_seen=True, report_to="none", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    plan = json.loads(run("plan", tmp_path / "out", "--window", "64tokens", "--half-life", "32tok", "--json").stdout)
+    assert plan["step_size"]["tokens_per_step"] == 16.0
+    assert plan["step_size"]["source"] == "checkpoint-6/trainer_state.json (num_input_tokens_seen / global_step)"
+    window = next(o for o in plan["outputs"] if o["name"] == "window-64tokens")
+    assert window["target"]["length"] == 4.0  # 64 tokens / 16 per step
+    # (2, 6] over checkpoints 2, 4, 6, linear: 0.5/4, (1.5 + 0.5)/4, 1.5/4
+    assert [i["coefficient"] for i in window["inputs"]] == pytest.approx([0.125, 0.5, 0.375], abs=1e-15)
+    half_life = next(o for o in plan["outputs"] if o["name"] == "half_life-32tokens")
+    assert half_life["target"]["decay"] == pytest.approx(0.5**0.5, rel=1e-15)  # half-life 32 tokens = 2 steps
+    assert half_life["equivalents"]["half_life_tokens"] == pytest.approx(32.0, rel=1e-14)
