@@ -18,7 +18,7 @@ def describe_series(plan: Plan) -> list[str]:
     unique = sorted(set(steps))  # EMA snapshots: several tracked profiles share a step
     gaps = sorted({b - a for a, b in zip(unique, unique[1:])})
     spacing = (
-        f"every {gaps[0]} steps"
+        f"every {plan.step_size.describe(gaps[0]) if plan.step_size is not None else f'{gaps[0]} steps'}"
         if len(gaps) == 1
         else f"gaps of {gaps[0]} to {gaps[-1]} steps"
         if gaps
