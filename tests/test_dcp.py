@@ -288,3 +288,20 @@ def test_verify_and_dtype_with_a_dcp_output(nested_run: Path, tmp_path: Path) ->
         assert np.allclose(state[name].double().numpy(), expected, rtol=2**-8, atol=1e-6), name
     result = run("merge", nested_run, "--decay", "0.9", "-o", out, expect=1)
     assert "already exists; pass --force" in result.output
+
+
+def test_megatron_like_extra_state_is_one_ignored_line(tmp_path: Path) -> None:
+    """Megatron's torch_dist format: model keys at the top level, a pickled ``_extra_state`` per layer."""
+    folder = tmp_path / "iter_0000100"
+    state = {f"decoder.layers.{i}.weight": torch.full((4, 2), float(i)) for i in range(3)}
+    extras = {f"decoder.layers.{i}.self_attention._extra_state": io.BytesIO(b"fp8 meta") for i in range(3)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({**state, **extras}, checkpoint_id=str(folder))
+    (folder / "common.pt").write_bytes(b"not read")
+    source = open_dcp(folder)
+    assert sorted(source.tensors) == sorted(state)
+    notes = {n.relpath: n.reason for n in source.ignored}
+    assert notes["decoder.layers.0.self_attention._extra_state, ... (3 in all)"].startswith("pickled objects")
+    assert notes["common.pt"] == "not part of the DCP checkpoint"
+    assert torch.equal(flat(source, "decoder.layers.2.weight"), torch.full((8,), 2.0))

@@ -300,14 +300,17 @@ def model_tensors(folder: Path, metadata: Metadata) -> tuple[dict[str, DcpTensor
     weights = [k for k in tensor_keys if _top(k) not in TRAINER_KEYS]
     strip_model = bool(weights) and all(_top(k) == MODEL_KEY for k in weights)
     ignored: dict[str, list[str]] = {}
+    objects: list[str] = []  # non-tensor entries outside the trainer's state
     notes: list[str] = []
     tensors: dict[str, DcpTensor] = {}
     origin: dict[str, str] = {}
     for fqn, entry in entries.items():
         top = _top(fqn)
         if isinstance(entry, BytesStorageMetadata):
-            reason = TRAINER_KEYS.get(top) or "not a tensor (a pickled object, never loaded)"
-            ignored.setdefault(f"{top}.*" if top in TRAINER_KEYS else fqn, []).append(reason)
+            if top in TRAINER_KEYS:
+                ignored.setdefault(f"{top}.*", []).append(TRAINER_KEYS[top])
+            else:  # e.g. Megatron's *._extra_state: one line for all of them
+                objects.append(fqn)
             continue
         if not isinstance(entry, TensorStorageMetadata):
             raise InputError(f"{folder / METADATA_NAME}: entry {fqn!r} is a {type(entry).__name__}")
@@ -357,6 +360,9 @@ def model_tensors(folder: Path, metadata: Metadata) -> tuple[dict[str, DcpTensor
         FileNote(key, f"{reasons[0]}; {len(reasons)} entr{'y' if len(reasons) == 1 else 'ies'} in .metadata")
         for key, reasons in ignored.items()
     ]
+    if objects:
+        example = f"{objects[0]}" + (f", ... ({len(objects)} in all)" if len(objects) > 1 else "")
+        notes_ignored.append(FileNote(example, "pickled objects, not tensors (never loaded)"))
     return tensors, notes_ignored, notes
 
 
