@@ -158,7 +158,12 @@ RUN_STEPS = 900
 @pytest.fixture(scope="module")
 def run():
     torch.manual_seed(0)
-    states = train_tiny(RUN_STEPS, seed=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only contend
+    try:
+        states = train_tiny(RUN_STEPS, seed=5)
+    finally:
+        torch.set_num_threads(threads)
     names = [k for k, v in states[0].items() if v.is_floating_point()]
     flat = np.stack([np.concatenate([s[k].double().reshape(-1).numpy() for k in names]) for s in states])
     return states, names, flat

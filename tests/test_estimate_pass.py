@@ -1,16 +1,24 @@
 """The estimate's statistics gathered in the merge's own pass (ckpt_ema.jobs.estimate), against the same
-statistics computed directly from the training run's states, and the estimate against per-step truth."""
+statistics computed directly from the training run's states; the estimate against per-step truth, through
+the API and through merge / plan --estimate on the command line."""
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from ckpt_ema.engine.merge_pass import MemorySink, MergePass
 from ckpt_ema.jobs import estimate as gather
 from ckpt_ema.jobs.merge import plan_merge
 from ckpt_ema.math import estimate as est
-from tests.training import classic_truth, power_truth, save_series, train_tiny
+from tests.reference import gamma_by_bisection
+from tests.reference import run as cli
+from tests.training import classic_truth, power_truth, save_series, sig_error, train_tiny
 
 STEPS = 600
 SPACING = 25
@@ -18,11 +26,22 @@ SPACING = 25
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    states = train_tiny(STEPS, seed=7)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only contend
+    try:
+        states = train_tiny(STEPS, seed=7)
+    finally:
+        torch.set_num_threads(threads)
     folder = tmp_path_factory.mktemp("estimate")
     save_series(states, folder / "init", [0])
     save_series(states, folder / "run", range(SPACING, STEPS + 1, SPACING))
     return states, folder
+
+
+@pytest.fixture(scope="module")
+def series(run):
+    states, folder = run
+    return states, folder / "run", folder / "init" / "step-000000.safetensors"
 
 
 def _flat(state) -> np.ndarray:
@@ -34,7 +53,7 @@ def _pass(plan, stride=None):
     if stride is not None:
         gatherer.stride = stride
     sinks = [MemorySink(plan.tensors) for _ in plan.outputs]
-    for _ in MergePass(plan, gatherer.wrap(sinks), chunk_elements=37):  # chunks cut tensors anywhere
+    for _ in MergePass(plan, sinks, chunk_elements=37, chunk_sink=gatherer):  # chunks cut tensors anywhere
         pass
     return gatherer, sinks
 
@@ -115,3 +134,68 @@ def test_power_weight_before_the_first_checkpoint_is_said(run):
     assert any(
         "14% of the power EMA's weight is on steps before the first checkpoint (step 300)" in w for w in e.warnings
     )
+
+
+def test_merge_json_estimates_each_output_near_the_truth(series, tmp_path):
+    states, folder, init = series
+    out = tmp_path / "out"
+    result = cli("merge", folder, "--init", init, "--decay", 0.99, "--sigma-rel", 0.1, "-o", out, "--json")
+    summary = json.loads(result.stdout)
+    truths = {"decay-0.99": classic_truth(states, 0.99), "sigma_rel-0.1": power_truth(states, gamma_by_bisection(0.1))}
+    for entry in summary["outputs"]:
+        estimate = entry["estimate"]
+        assert isinstance(estimate["sig"], float)
+        true = sig_error(load_file(entry["path"]), truths[entry["name"]], states[-1])
+        assert 0.5 <= estimate["sig"] / true <= 2.0, (entry["name"], estimate["sig"], true)
+        assert estimate["error"] > 0 and estimate["warnings"] == []
+
+
+def test_merge_summary_line_and_no_estimate(series, tmp_path):
+    states, folder, init = series
+    text = cli("merge", folder, "--decay", 0.99, "-o", tmp_path / "a.safetensors").stdout
+    assert "estimated sig " in text and "against the per-step EMA" in text
+    quiet = cli("merge", folder, "--decay", 0.99, "-o", tmp_path / "b.safetensors", "--no-estimate", "--json")
+    assert "estimate" not in json.loads(quiet.stdout)["outputs"][0]
+
+
+def test_plan_estimate_reads_the_data_and_writes_nothing(series, tmp_path):
+    states, folder, init = series
+    before = sorted(p.name for p in folder.iterdir())
+    result = cli("plan", folder, "--decay", 0.99, "--decay", 0.995, "--estimate", "--json")
+    summary = json.loads(result.stdout)
+    merged = cli("merge", folder, "--decay", 0.99, "--decay", 0.995, "-o", tmp_path / "m", "--json")
+    for planned, done in zip(summary["outputs"], json.loads(merged.stdout)["outputs"]):
+        assert planned["estimate"]["sig"] == pytest.approx(done["estimate"]["sig"], rel=1e-6)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    text = cli("plan", folder, "--decay", 0.99, "--estimate").stdout
+    assert "decay-0.99: estimated sig" in text
+
+
+def test_a_run_that_jumps_is_said(series, tmp_path):
+    states, folder, init = series
+    jumped = [
+        {k: v + 0.5 if v.is_floating_point() and t > 300 else v for k, v in s.items()} for t, s in enumerate(states)
+    ]  # every weight jumps between steps 300 and 301
+    save_series(jumped, tmp_path / "run", range(SPACING, STEPS + 1, SPACING))
+    result = cli("merge", tmp_path / "run", "--decay", 0.99, "-o", tmp_path / "x.safetensors")
+    assert "the weights jump between steps 300 and 325" in result.stdout  # in the output's summary line
+
+
+def test_per_checkpoint_and_snapshots_say_why_not(series, tmp_path):
+    states, folder, init = series
+    result = cli("merge", folder, "--decay", 0.9, "--per-checkpoint", "-o", tmp_path / "p.safetensors", "--json")
+    estimate = json.loads(result.stdout)["outputs"][0]["estimate"]
+    assert estimate["sig"] is None and "per-checkpoint" in estimate["reason"]
+    snapshots = SimpleNamespace(per_checkpoint=False, checkpoints=[SimpleNamespace(tracked_gamma=6.94)] * 4)
+    assert "EMA snapshots" in gather.not_estimated(snapshots, "reconstruction")  # type: ignore[arg-type]
+
+
+def test_nan_in_a_checkpoint_gives_no_estimate_and_says_why(series, tmp_path):
+    states, folder, init = series
+    broken = [dict(s) for s in states]
+    name = next(k for k, v in states[0].items() if v.is_floating_point())
+    broken[300] = {**broken[300], name: broken[300][name].clone().fill_(float("nan"))}
+    save_series(broken, tmp_path / "run", range(SPACING, STEPS + 1, SPACING))
+    result = cli("merge", tmp_path / "run", "--decay", 0.99, "-o", tmp_path / "x.safetensors", "--json")
+    estimate = json.loads(result.stdout)["outputs"][0]["estimate"]
+    assert estimate == {"sig": None, "reason": "the checkpoints hold NaN or Inf values"}

@@ -20,12 +20,20 @@ from ckpt_ema.cli.common import (
     warn,
 )
 from ckpt_ema.jobs import distributed
+from ckpt_ema.jobs.estimate import EstimateJob
 from ckpt_ema.jobs.integrity import DEFAULT_HASH, HASH_ALGORITHMS
 from ckpt_ema.jobs.merge import MergeJob
+from ckpt_ema.math.estimate import Estimate
 from ckpt_ema.output.layouts import FORMATS
 from ckpt_ema.output.paths import output_paths, sharded_output_folders
+from ckpt_ema.plan.model import Plan
 from ckpt_ema.report.plots import plot_weights, require_matplotlib
-from ckpt_ema.report.text import describe_output, describe_plan
+from ckpt_ema.report.text import (
+    describe_estimate,
+    describe_output,
+    describe_plan,
+    estimate_json,
+)
 
 
 @main.command()
@@ -68,6 +76,13 @@ from ckpt_ema.report.text import describe_output, describe_plan
     show_default=True,
     help="blake3 (fast: hidden behind the disk) or sha256 (the ids the Hugging Face Hub shows for LFS files).",
 )
+@click.option(
+    "--estimate/--no-estimate",
+    default=True,
+    show_default=True,
+    help="Estimate each output's error against the per-step EMA (docs/estimate.md) from statistics "
+    "gathered in the same pass.",
+)
 @user_errors
 def merge(
     output: Path,
@@ -79,6 +94,7 @@ def merge(
     hash_inputs: bool,
     allow_overflow: bool,
     hash_algorithm: str,
+    estimate: bool,
     **options: Any,
 ) -> None:
     """Write the EMA of a checkpoint series for each target, in one pass over the files.
@@ -107,19 +123,39 @@ def merge(
 
     job = MergeJob(
         plan, paths, on_warning=warn, fmt=fmt, verify=verify, strict=strict, hash_inputs=hash_inputs,
-        allow_overflow=allow_overflow, hash_algorithm=hash_algorithm,
+        allow_overflow=allow_overflow, hash_algorithm=hash_algorithm, estimate=estimate,
     )  # fmt: skip
     with job:
         run_pass(job, job.total_bytes, "merge", quiet)
         job.commit()
-    if options["as_json"]:
+    estimates = job.estimates() if estimate else None
+    _report(plan, estimates, job.reasons(), options["as_json"], quiet, paths)
+
+
+def _report(
+    plan: Plan,
+    estimates: list[Estimate | None] | None,
+    reasons: list[str | None],
+    as_json: bool,
+    quiet: bool,
+    paths: list[Path] | None,
+) -> None:
+    """The summary of merge (``paths``) or of plan --estimate: one line per output, or the JSON."""
+    if as_json:
         summary = plan.to_json()
-        for entry, path in zip(summary["outputs"], paths):
-            entry["path"] = str(path)
+        for k, entry in enumerate(summary["outputs"]):
+            if paths is not None:
+                entry["path"] = str(paths[k])
+            if estimates is not None:
+                entry["estimate"] = estimate_json(estimates[k], reasons[k])
         click.echo(json.dumps(summary, indent=2))
-    elif not quiet:
-        for out, path in zip(plan.outputs, paths):
-            say(f"wrote {path}  ({describe_output(plan, out)})")
+    elif not quiet and paths is not None:
+        for k, (out, path) in enumerate(zip(plan.outputs, paths)):
+            detail = f"; {describe_estimate(estimates[k], reasons[k])}" if estimates is not None else ""
+            say(f"wrote {path}  ({describe_output(plan, out)}{detail})")
+    elif not quiet and estimates is not None:
+        for k, out in enumerate(plan.outputs):
+            say(f"{out.name}: {describe_estimate(estimates[k], reasons[k])}")
 
 
 def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool, fmt: str | None) -> None:
@@ -152,19 +188,33 @@ def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool, fmt: s
     metavar="PNG",
     help="Also draw each checkpoint's coefficient against its step, per target, into this PNG (needs matplotlib).",
 )
+@click.option(
+    "--estimate",
+    is_flag=True,
+    help="Also read the data (one pass, nothing written) and estimate each output's error against the "
+    "per-step EMA (docs/estimate.md).",
+)
 @user_errors
-def plan_command(plot: Path | None, **options: Any) -> None:
-    """Show what merge would compute, reading only the files' headers.
+def plan_command(plot: Path | None, estimate: bool, **options: Any) -> None:
+    """Show what merge would compute, reading only the files' headers (with --estimate, also the data).
 
     \b
     Example:
       ckpt-ema plan runs/*.safetensors --half-life 500 --sigma-rel 0.1
       ckpt-ema plan runs/ --decay 0.999 --sigma-rel 0.1 --plot weights.png
+      ckpt-ema plan runs/ --decay 0.999 --estimate
     """
     if plot is not None:
         require_matplotlib()
     plan = plan_from(options)
-    if options["as_json"]:
+    if estimate:
+        job = EstimateJob(plan, on_warning=warn)
+        run_pass(job, job.total_bytes, "estimate", options["as_json"])
+        if not options["as_json"]:
+            click.echo(describe_plan(plan))
+        estimates = job.estimates()
+        _report(plan, estimates, job.reasons(), options["as_json"], False, None)
+    elif options["as_json"]:
         click.echo(json.dumps(plan.to_json(), indent=2))
     else:
         click.echo(describe_plan(plan))

@@ -83,6 +83,18 @@ class ReadObserver(Protocol):
         ...
 
 
+class ChunkSink(Protocol):
+    """Sees each chunk of floating-point elements the pass merges, with its inputs and its outputs (the error
+    estimate's statistics ride on it: no second read). Chunks come in plan order; valid only during the call."""
+
+    def write_chunk(
+        self, inputs: Sequence[np.ndarray], in_dtypes: Sequence[str], outputs: np.ndarray, out_dtype: str, size: int
+    ) -> None:
+        """``inputs[n][:size]``: the chunk of checkpoint ``used_inputs(plan)[n]`` in its stored dtype
+        ``in_dtypes[n]``; ``outputs[k, :size]``: output ``k``'s in the storage type of ``out_dtype``."""
+        ...
+
+
 class RowsSink(Protocol):
     """Receives all outputs of a piece of a floating-point tensor at once, in plan order: ``rows[k]`` holds
     output ``k``'s elements in the output dtype's storage type (for statistics that combine outputs, as
@@ -194,6 +206,7 @@ class MergePass:
         observer: shown each piece of a file read (``ReadObserver``; the inputs' hash rides on it).
         rows_sink: also receives every floating-point piece of all outputs at once (``RowsSink``); with it,
             ``sinks`` may be empty.
+        chunk_sink: sees every chunk with its inputs and outputs (``ChunkSink``).
     """
 
     def __init__(
@@ -206,8 +219,9 @@ class MergePass:
         tensors: Sequence[TensorPlan] | None = None,
         observer: ReadObserver | None = None,
         rows_sink: RowsSink | None = None,
+        chunk_sink: ChunkSink | None = None,
     ) -> None:
-        if len(sinks) != len(plan.outputs) and not (rows_sink is not None and not sinks):
+        if len(sinks) != len(plan.outputs) and not ((rows_sink is not None or chunk_sink is not None) and not sinks):
             raise ValueError("one sink per output is needed")
         if chunk_elements is not None and chunk_elements < 1:
             raise ValueError("chunk_elements must be >= 1")
@@ -215,6 +229,7 @@ class MergePass:
         self.sinks = list(sinks)
         self.output_count = len(plan.outputs)
         self.rows_sink = rows_sink
+        self.chunk_sink = chunk_sink
         self.kernel = choose_kernel(kernel)
         self.chunk_elements = chunk_elements
         self.on_warning = on_warning or (lambda message: None)
@@ -440,6 +455,8 @@ class MergePass:
                 if bad:
                     self._find_non_finite(span.tensors, [[x] for x in inputs], start, start + size, chunk_start=start)
                 pieces.write(out, start, size)
+                if self.chunk_sink is not None:
+                    self.chunk_sink.write_chunk(inputs, span.in_dtypes, out, out_name, size)
             else:
                 result, finite, lost = self._torch(out_name, schedule.chunk).run(inputs, span.in_dtypes)
                 if not finite:
@@ -447,6 +464,8 @@ class MergePass:
                 if lost is not None:
                     self._count_overflow(span.tensors, start, lost)
                 pieces.write(result, start, size)
+                if self.chunk_sink is not None:
+                    self.chunk_sink.write_chunk(inputs, span.in_dtypes, result, out_name, size)
 
     def _merge_span(self, span: _Span) -> None:
         inputs = span.inputs()
@@ -470,16 +489,23 @@ class MergePass:
                 if bad:
                     self._find_non_finite(span.tensors, views, start, start + size)
                 pieces.write(out, start, size)
+                if self.chunk_sink is not None:
+                    self.chunk_sink.write_chunk(
+                        [x[start : start + size] for x in inputs], in_dtypes, out, out_name, size
+                    )
             return
         kernel = self._torch(out_name, chunk)
         for start in range(0, span.numel, chunk):
             stop = min(span.numel, start + chunk)
-            result, finite, lost = kernel.run([x[start:stop] for x in inputs], in_dtypes)
+            chunk_inputs = [x[start:stop] for x in inputs]
+            result, finite, lost = kernel.run(chunk_inputs, in_dtypes)
             if not finite:
                 self._find_non_finite(span.tensors, views, start, stop)
             if lost is not None:
                 self._count_overflow(span.tensors, start, lost)
             pieces.write(result, start, stop - start)
+            if self.chunk_sink is not None:
+                self.chunk_sink.write_chunk(chunk_inputs, in_dtypes, result, out_name, stop - start)
 
     def _count_overflow(self, tensors: Sequence[TensorPlan], start: int, lost: np.ndarray) -> None:
         """Add up, per tensor, the values (over all outputs) whose finite sum overflowed the output dtype;

@@ -1,7 +1,7 @@
 """The error estimate of every output (docs/estimate.md), gathered in the merge's own pass.
 
-``EstimateGatherer(plan).wrap(sinks)`` returns sinks that forward every chunk to the real ones and, on the
-way, accumulate what ``ckpt_ema.math.estimate`` needs: for each output ``||R - theta(T)||^2``, and for the
+``EstimateGatherer(plan)`` is the pass's rows sink (it sees every output's piece of each tensor) and
+accumulates what ``ckpt_ema.math.estimate`` needs: for each output ``||R - theta(T)||^2``, and for the
 series the products of the increments between checkpoints (``||d_j||^2``, ``<d_j, d_{j+1}>``,
 ``<d_j, d_{j+2}>``), read from the same memory-mapped views while the pass is at that chunk. On large
 models a regular subsample of the elements (at most ``SAMPLE_ELEMENTS``, the same for every statistic)
@@ -10,18 +10,17 @@ keeps this cheap; the statistics are scaled back to all elements.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ckpt_ema.engine.merge_pass import TensorSink
+from ckpt_ema.engine.merge_pass import MergePass, used_inputs
 from ckpt_ema.io.safetensors_format import to_float
 from ckpt_ema.math import ema as kernels
 from ckpt_ema.math import estimate as est
 from ckpt_ema.plan.model import Plan
-from ckpt_ema.series.load import Checkpoint
 
-SAMPLE_ELEMENTS = 1 << 24  # elements of every checkpoint the statistics look at (all of them below this)
+SAMPLE_ELEMENTS = 1 << 22  # elements of every checkpoint the statistics look at (all of them below this)
 
 
 def not_estimated(plan: Plan, method: str) -> str | None:
@@ -51,19 +50,35 @@ def _linear(plan: Plan, method: str, params: dict[str, float]) -> np.ndarray:
 
 
 class EstimateGatherer:
-    """Statistics for the estimates of a plan's outputs, filled by the sinks from ``wrap``."""
+    """Statistics for the estimates of a plan's outputs: the pass's ``chunk_sink``.
 
-    def __init__(self, plan: Plan) -> None:
+    ``plan`` is the series and its outputs; the pass may run another plan over the same checkpoints
+    (``pass_plan``: doctor's rows), whose row ``result_rows[k]`` is output ``k``'s result.
+    """
+
+    def __init__(self, plan: Plan, pass_plan: Plan | None = None, result_rows: Sequence[int] | None = None) -> None:
         self.plan = plan
         n = len(plan.checkpoints)
         self.reasons = [not_estimated(plan, o.method) for o in plan.outputs]
-        self.float_names = {t.name for t in plan.tensors if t.is_float}
-        self._out_dtypes = {t.name: t.out_dtype for t in plan.tensors}
+        pass_plan = pass_plan or plan
+        used = used_inputs(pass_plan)
+        columns = [
+            next(i for i, c in enumerate(pass_plan.checkpoints) if c is checkpoint) for checkpoint in plan.checkpoints
+        ]
+        # where each checkpoint of the series is among the pass's inputs (None: not read, all its coefficients 0)
+        self._position = [used.index(c) if c in used else None for c in columns]
+        self._rows = list(result_rows) if result_rows is not None else list(range(len(plan.outputs)))
         total = sum(int(np.prod(t.shape)) for t in plan.tensors if t.is_float)
         self.stride = max(1, -(-total // SAMPLE_ELEMENTS))
         self.sq = np.zeros(max(n - 1, 0))
         self.cross1 = np.zeros(max(n - 1, 0))
         self.cross2 = np.zeros(max(n - 1, 0))
+        # a checkpoint the pass does not read (coefficient 0 everywhere): its increments are unknown
+        for j in range(n - 1):
+            if self._position[j] is None or self._position[j + 1] is None:
+                self.sq[j] = np.nan
+                self.cross1[max(j - 1, 0) : j + 1] = np.nan
+                self.cross2[max(j - 2, 0) : j + 1] = np.nan
         self.distance_sq = np.zeros(len(plan.outputs))
         self.bias_sq = np.zeros(len(plan.outputs))
         matrix = plan.coefficient_matrix()
@@ -73,57 +88,53 @@ class EstimateGatherer:
             for k, o in enumerate(plan.outputs)
             if self.reasons[k] is None and plan.interp != "linear"
         }
-        self._offsets: dict[tuple[int, str], int] = {}
-        self._base: dict[str, int] = {}  # each float tensor's first element in the plan's float elements
-        position = 0
-        for t in plan.tensors:
-            if t.is_float:
-                self._base[t.name] = position
-                position += int(np.prod(t.shape))
+        if self._position[-1] is None:
+            self.reasons = [r or "the last checkpoint is not read" for r in self.reasons]
+        self._seen = 0  # float elements passed so far: the sample is every stride-th of them
+        self._bad = False  # a sampled value was NaN or Inf
 
-    def wrap(self, sinks: Sequence[TensorSink]) -> list[TensorSink]:
-        """Sinks for the pass: each forwards its chunks to ``sinks[k]`` after taking its statistics."""
-        if all(r is not None for r in self.reasons):
-            return list(sinks)
-        return [_GatheringSink(self, k, sink) for k, sink in enumerate(sinks)]
+    @property
+    def needed(self) -> bool:
+        """Whether any output gets an estimate (else the pass need not feed this)."""
+        return any(r is None for r in self.reasons)
 
-    def receive(self, k: int, name: str, data: np.ndarray) -> None:
-        """Output ``k``'s next chunk of tensor ``name`` (chunks of a tensor arrive in order)."""
-        if name not in self.float_names:
+    def write_chunk(
+        self, inputs: Sequence[np.ndarray], in_dtypes: Sequence[str], outputs: np.ndarray, out_dtype: str, size: int
+    ) -> None:
+        """A chunk of the pass (a ``ChunkSink``): its sampled elements' increments, distances and bias."""
+        first = (-self._seen) % self.stride
+        self._seen += size
+        if first >= size:
             return
-        start = self._offsets.get((k, name), 0)
-        self._offsets[(k, name)] = start + data.size
-        first = (-(self._base[name] + start)) % self.stride  # every stride-th float element of the plan
-        if first >= data.size:
-            return
-        index = slice(start + first, start + data.size, self.stride)
-        if self.reasons[k] is None:
-            last = _values(self.plan.newest, name, index)
-            chunk = to_float(data[first :: self.stride], self._out_dtypes[name]).astype(np.float64)
-            self.distance_sq[k] += float(((chunk - last) ** 2).sum())
-        if k == 0:
-            self._gather_increments(name, index)
-
-    def _gather_increments(self, name: str, index: slice) -> None:
-        previous = None
+        index = slice(first, size, self.stride)
+        x = [
+            to_float(inputs[p][index], in_dtypes[p]).astype(np.float64) if p is not None else None
+            for p in self._position
+        ]
+        self._bad = self._bad or not all(np.isfinite(v).all() for v in x if v is not None)
+        previous: np.ndarray | None = None
         d1 = d2 = None  # the increments of the two gaps before
-        bias: dict[int, np.ndarray] = {}
-        for j, checkpoint in enumerate(self.plan.checkpoints):
-            x = _values(checkpoint, name, index)
-            for k, row in self.bias_rows.items():
-                term = x * float(row[j])
-                bias[k] = bias[k] + term if k in bias else term
-            if previous is not None:
-                d = x - previous
+        for j, value in enumerate(x):
+            d = value - previous if value is not None and previous is not None else None
+            if j >= 1 and d is not None:
                 self.sq[j - 1] += float((d * d).sum())
                 if d1 is not None:
                     self.cross1[j - 2] += float((d1 * d).sum())
                 if d2 is not None:
                     self.cross2[j - 3] += float((d2 * d).sum())
+            if j >= 1:
                 d2, d1 = d1, d
-            previous = x
-        for k, value in bias.items():
-            self.bias_sq[k] += float((value * value).sum())
+            previous = value
+        last = x[-1]
+        if last is None:
+            return
+        for k, row in enumerate(self._rows):
+            if self.reasons[k] is None:
+                result = to_float(outputs[row, :size][index], out_dtype).astype(np.float64)
+                self.distance_sq[k] += float(((result - last) ** 2).sum())
+        for k, coefficients in self.bias_rows.items():
+            bias = sum(float(c) * v for c, v in zip(coefficients, x) if v is not None and c != 0.0)
+            self.bias_sq[k] += float((np.asarray(bias) ** 2).sum())
 
     def estimates(self) -> list[est.Estimate | None]:
         """Each output's estimate (None where ``reasons`` says why not), after the pass."""
@@ -131,6 +142,9 @@ class EstimateGatherer:
             return [None] * len(self.plan.outputs)
         steps = [c.step for c in self.plan.checkpoints]
         s = self.stride
+        if self._bad or not (np.isfinite(self.distance_sq).all() and np.isfinite(self.bias_sq).all()):
+            self.reasons = [r or "the checkpoints hold NaN or Inf values" for r in self.reasons]
+            return [None] * len(self.plan.outputs)
         stats = est.IncrementStats.from_products(steps, self.sq * s, self.cross1 * s, self.cross2 * s)
         model = est.fit_variogram(stats)
         result: list[est.Estimate | None] = []
@@ -153,15 +167,27 @@ class EstimateGatherer:
         return result
 
 
-def _values(checkpoint: Checkpoint, name: str, index: slice) -> np.ndarray:
-    """Elements ``index`` of a float tensor of ``checkpoint`` as float64."""
-    return to_float(checkpoint.source.flat(name)[index], checkpoint.source.tensors[name].dtype).astype(np.float64)
+class EstimateJob:
+    """``plan --estimate``: the merge's pass with no output written, for the estimates alone.
 
+    Iterate to run it (bytes read, for a progress bar; ``total_bytes``), then ``estimates()``.
+    """
 
-class _GatheringSink:
-    def __init__(self, gatherer: EstimateGatherer, k: int, sink: TensorSink) -> None:
-        self.gatherer, self.k, self.sink = gatherer, k, sink
+    def __init__(self, plan: Plan, on_warning: Callable[[str], None] | None = None) -> None:
+        self.plan = plan
+        self.gatherer = EstimateGatherer(plan)
+        self.merge_pass = MergePass(plan, [], on_warning=on_warning, chunk_sink=self.gatherer)
+        self.total_bytes = self.merge_pass.total_bytes
 
-    def write(self, name: str, data: np.ndarray) -> None:
-        self.gatherer.receive(self.k, name, data)
-        self.sink.write(name, data)
+    def __len__(self) -> int:
+        return len(self.merge_pass)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.merge_pass)
+
+    def estimates(self) -> list[est.Estimate | None]:
+        return self.gatherer.estimates()
+
+    def reasons(self) -> list[str | None]:
+        """Why each output has no estimate (None where it has one), after ``estimates()``."""
+        return list(self.gatherer.reasons)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ckpt_ema.engine.merge_pass import RANGE_LIMITED, MemorySink, MergePass
 from ckpt_ema.errors import OutputError, StrictError
 from ckpt_ema.io.source import FileNote
+from ckpt_ema.jobs.estimate import EstimateGatherer, not_estimated
 from ckpt_ema.jobs.integrity import (
     HASH_WIDTH,
     InputHasher,
@@ -26,6 +27,7 @@ from ckpt_ema.jobs.integrity import (
     diverged_checkpoints,
     hash_key,
 )
+from ckpt_ema.math.estimate import Estimate
 from ckpt_ema.output.layouts import open_output, output_metadata
 from ckpt_ema.output.lock import OutputLock
 from ckpt_ema.output.paths import output_mode, output_paths
@@ -148,7 +150,8 @@ class MergeJob:
     the pass runs at the engine's speed. ``verify``: each file is read back and
     checked before it replaces anything. ``strict``: every warning is an error (``StrictError``) and
     nothing is written. Values beyond the output dtype's range (``--dtype fp16`` of large weights) are
-    refused at commit, naming the tensors, unless ``allow_overflow`` (then a warning).
+    refused at commit, naming the tensors, unless ``allow_overflow`` (then a warning). ``estimate``: the
+    statistics of the error estimate are gathered in the same pass (docs/estimate.md); ``estimates()`` after.
     """
 
     def __init__(
@@ -163,8 +166,11 @@ class MergeJob:
         hash_inputs: bool = True,
         allow_overflow: bool = False,
         hash_algorithm: str | None = None,
+        estimate: bool = True,
     ) -> None:
         self.paths = list(paths)
+        gatherer = EstimateGatherer(plan) if estimate else None
+        self.gatherer = gatherer if gatherer is not None and gatherer.needed else None
         self.allow_overflow = allow_overflow
         self.plan = plan
         self.strict = strict
@@ -196,7 +202,9 @@ class MergeJob:
             for path, meta in zip(self.paths, metadata):
                 self.writers.append(open_output(plan, path, meta, fmt, options))
             # inside the guard: an error or Ctrl-C while the pass is laid out removes the temporary files
-            self.merge_pass = MergePass(plan, self.writers, chunk_elements, self._warn, observer=self.hasher)
+            self.merge_pass = MergePass(
+                plan, self.writers, chunk_elements, self._warn, observer=self.hasher, chunk_sink=self.gatherer
+            )
         except BaseException:
             self.abort()
             raise
@@ -246,6 +254,16 @@ class MergeJob:
         for lock in self._locks:
             lock.release()
         _LIVE.discard(self)
+
+    def estimates(self) -> list[Estimate | None]:
+        """Each output's error estimate against the per-step EMA (None where there is none: ``reasons()``)."""
+        return self.gatherer.estimates() if self.gatherer else [None] * len(self.plan.outputs)
+
+    def reasons(self) -> list[str | None]:
+        """Why each output has no estimate (None where it has one), after ``estimates()``."""
+        if self.gatherer is None:
+            return [not_estimated(self.plan, o.method) or "--no-estimate" for o in self.plan.outputs]
+        return list(self.gatherer.reasons)
 
     def _warn(self, message: str) -> None:
         if self.strict:

@@ -194,6 +194,10 @@ def _fit_one(lengths: np.ndarray, values: np.ndarray, spacing: float) -> tuple[f
     and among equally good ones (the lags cannot tell them apart) the one with the roughest path inside a
     gap (largest ``gamma(spacing / 2)``): towards the larger error.
     """
+    keep = np.isfinite(values)
+    lengths, values = lengths[keep], values[keep]
+    if not len(values):
+        return 0.0, 0.0, 0.0, 0.0
     weight = 1.0 / lengths
     target = values * weight
     distinct = len(np.unique(lengths))

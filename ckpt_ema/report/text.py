@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from ckpt_ema.math import ema as kernels
+from ckpt_ema.math.estimate import Estimate
 from ckpt_ema.plan.kinds import METHODS
 from ckpt_ema.plan.model import OutputPlan, Plan
 from ckpt_ema.report.escape import printable_lines
@@ -110,3 +111,18 @@ def _short(path: os.PathLike) -> str:
     except ValueError:
         return text
     return relative if not relative.startswith("../..") else text
+
+
+def describe_estimate(estimate: Estimate | None, reason: str | None = None) -> str:
+    """The error estimate of one output against the per-step EMA (docs/estimate.md), in one phrase."""
+    if estimate is None:
+        return f"no error estimate: {reason}" if reason else "no error estimate"
+    caveats = "".join(f"; {w}" for w in estimate.warnings)
+    return f"estimated sig {estimate.sig:.2g} against the per-step EMA (error {estimate.error:.3g}{caveats})"
+
+
+def estimate_json(estimate: Estimate | None, reason: str | None = None) -> dict[str, object]:
+    """``outputs[k].estimate`` of the ``--json`` summaries: ``{"sig": float, ...}`` or ``{"sig": null, "reason"}``."""
+    if estimate is None:
+        return {"sig": None, "reason": reason or "not estimated"}
+    return estimate.to_json()
