@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ckpt_ema.errors import InputError
+from ckpt_ema.io.accelerate import accelerate_step_records, is_accelerate_state
 from ckpt_ema.io.dcp import is_dcp_folder
 from ckpt_ema.io.deepspeed import is_deepspeed_folder
 from ckpt_ema.io.links import inside
@@ -45,6 +46,8 @@ WEIGHT_NAME = re.compile(
     r"^(model|diffusion_pytorch_model|pytorch_model|adapter_model|lora|tf_model|flax_model)"
     r"(-\d{5}-of-\d{5})?(\.[\w]+)?\.(safetensors|bin)$"
 )
+# accelerate's save_state with several prepared models: model.safetensors, model_1.safetensors, ...
+ACCELERATE_MODELS = re.compile(r"^(model|pytorch_model)(_\d+)?\.(safetensors|bin)$")
 MARKER_FILES = ("model_index.json", "config.json", "meta.json", "trainer_state.json", "adapter_config.json")
 CHECKPOINT_FOLDER_NAME = re.compile(r"(^checkpoint-\d+$)|(-backup-\d+-\d+-\d+$)")
 
@@ -61,7 +64,7 @@ def is_checkpoint_folder(path: Path) -> bool:
     return any(WEIGHT_NAME.match(n) for n in names)
 
 
-def _trainer_file_reason(name: str) -> str | None:
+def trainer_file_reason(name: str) -> str | None:
     for pattern, reason in TRAINER_FILES:
         if pattern.match(name):
             return reason
@@ -149,7 +152,7 @@ def _scan_part(folder: Path, name: str, ignored: list[FileNote]) -> tuple[Part |
     candidates = [
         p
         for p in files
-        if not _trainer_file_reason(p.name)
+        if not trainer_file_reason(p.name)
         and (p.suffix == ".safetensors" or (p.suffix == ".bin" and WEIGHT_NAME.match(p.name)))
     ]
     if not candidates:
@@ -157,6 +160,8 @@ def _scan_part(folder: Path, name: str, ignored: list[FileNote]) -> tuple[Part |
     candidates.sort(key=lambda p: (p.suffix != ".safetensors", p.name.count("."), p.name))
     chosen = candidates[0]
     plain = [p for p in candidates if p.name.count(".") == 1 and p.suffix == ".safetensors"]
+    if len(plain) > 1 and not name and all(ACCELERATE_MODELS.match(p.name) for p in plain):
+        return None, used  # accelerate's models, one part each: see _accelerate_parts
     if len(plain) > 1:
         raise InputError(
             f"{folder}: several weight files ({', '.join(p.name for p in plain)}) and no index; "
@@ -173,7 +178,7 @@ def _other_files(folder: Path, rel: str, used: set[str], ignored: list[FileNote]
     for entry in sorted(folder.iterdir()):
         if not entry.is_file() or entry.name in used:
             continue
-        reason = _trainer_file_reason(entry.name)
+        reason = trainer_file_reason(entry.name)
         if reason:
             ignored.append(FileNote(rel + entry.name, reason))
         elif entry.suffix in (".pt", ".pth", ".bin", ".ckpt", ".pkl"):
@@ -187,10 +192,13 @@ def open_folder(path: Path, component: Sequence[str] | None = None) -> Checkpoin
     ignored: list[FileNote] = []
     copied: list[str] = []
     parts: list[Part] = []
-    step_records: list[tuple[str, int]] = []
     top_part, used = _scan_part(path, "", ignored)
     if top_part is not None:
         parts.append(top_part)
+    else:
+        accelerate_parts = _accelerate_parts(path)
+        parts.extend(accelerate_parts)
+        used |= {f.relpath for p in accelerate_parts for f in p.files}
     entries = sorted(path.iterdir())
     folders = {p.name: p for p in entries if p.is_dir()}
     _other_files(path, "", used, ignored, copied)
@@ -220,24 +228,13 @@ def open_folder(path: Path, component: Sequence[str] | None = None) -> Checkpoin
             raise InputError(f"{path}: no component {', '.join(map(repr, unknown))} (found: {', '.join(names)})")
         for part in parts:
             if part.name not in component:  # copied whole from the newest checkpoint
-                if part.name:
+                if part.folder:
                     copied[:] = [c for c in copied if not c.startswith(part.folder + "/")]
-                copied.extend([part.folder + "/"] if part.name else [f.relpath for f in part.files])
+                copied.extend([part.folder + "/"] if part.folder else [f.relpath for f in part.files])
                 if not part.name and part.index_name:
                     copied.append(part.index_name)
         parts = [p for p in parts if p.name in component]
-    # the trainer's records of the step
-    trainer_state = path / "trainer_state.json"
-    if trainer_state.is_file():
-        state = _read_json(trainer_state)
-        if isinstance(state, dict) and isinstance(state.get("global_step"), int):
-            step_records.append(("trainer_state.json 'global_step'", state["global_step"]))
-    meta = path / "meta.json"
-    if meta.is_file():
-        progress = _read_json(meta)
-        progress = progress.get("train_progress") if isinstance(progress, dict) else None
-        if isinstance(progress, dict) and isinstance(progress.get("global_step"), int):
-            step_records.append(("OneTrainer meta.json 'global_step'", progress["global_step"]))
+    step_records = folder_step_records(path)
     described = _describe(path, parts)
     first = parts[0].files[0]
     source = CheckpointSource(path, described, parts, metadata=first.metadata, is_folder=True)
@@ -247,10 +244,42 @@ def open_folder(path: Path, component: Sequence[str] | None = None) -> Checkpoin
     return source
 
 
+def folder_step_records(path: Path) -> list[tuple[str, int]]:
+    """The trainer's records of a checkpoint folder's step, as ``[(source, step)]``: Hugging Face's
+    ``trainer_state.json``, OneTrainer's ``meta.json``; for an accelerate ``save_state()`` folder whose name is
+    not ``checkpoint-N`` (``checkpoint_3`` counts saves), the optimizer's or the scheduler's count."""
+    records: list[tuple[str, int]] = []
+    trainer_state = path / "trainer_state.json"
+    if trainer_state.is_file():
+        state = _read_json(trainer_state)
+        if isinstance(state, dict) and isinstance(state.get("global_step"), int):
+            records.append(("trainer_state.json 'global_step'", state["global_step"]))
+    meta = path / "meta.json"
+    if meta.is_file():
+        progress = _read_json(meta)
+        progress = progress.get("train_progress") if isinstance(progress, dict) else None
+        if isinstance(progress, dict) and isinstance(progress.get("global_step"), int):
+            records.append(("OneTrainer meta.json 'global_step'", progress["global_step"]))
+    if not records and not CHECKPOINT_FOLDER_NAME.search(path.name) and is_accelerate_state(path):
+        records = accelerate_step_records(path)
+    return records
+
+
+def _accelerate_parts(folder: Path) -> list[Part]:
+    """accelerate's ``model.safetensors``, ``model_1.safetensors``, ...: one part each, named by the file."""
+    files = sorted(
+        (p for p in folder.iterdir() if p.is_file() and ACCELERATE_MODELS.match(p.name) and p.suffix == ".safetensors"),
+        key=lambda p: (len(p.name), p.name),
+    )
+    return [Part(p.name.split(".")[0], [_weight_file(p, p.name)], in_root=True) for p in files]
+
+
 def _describe(path: Path, parts: list[Part]) -> str:
     names = {p.name for p in parts}
     if (path / "meta.json").is_file():
         kind = "OneTrainer backup"
+    elif parts and all(p.in_root for p in parts):
+        kind = "accelerate save_state folder"
     elif (path / "model_index.json").is_file() or (len(parts) > 1 or "" not in names):
         kind = "diffusers-style folder"
     else:

@@ -123,6 +123,7 @@ class Part:
     files: list[WeightFile]
     index_name: str | None = None  # e.g. "model.safetensors.index.json", relative to the part's folder
     index_metadata: dict[str, object] = field(default_factory=dict)
+    in_root: bool = False  # a named model whose file sits at the folder's top (accelerate's model_1.safetensors)
 
     @property
     def prefix(self) -> str:
@@ -131,7 +132,7 @@ class Part:
     @property
     def folder(self) -> str:
         """The part's folder relative to the checkpoint root."""
-        return self.name
+        return "" if self.in_root else self.name
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,8 @@ class CheckpointSource:
         self.state_dict_key: str | None = None  # torch files: where the state dict was found
         self.other_keys: list[str] = []  # ... and the other state dicts the file holds, if it was not --key
         self.epoch_numbered = ""  # set when the trainer numbers files by epoch (timm): the name is no step
+        self.recorded_epoch: int | None = None  # an epoch the file records: a name's equal number is no step
+        self.lightning: dict[str, object] = {}  # a Lightning checkpoint's top-level entries besides tensors
         self._where: dict[str, tuple[int, str]] = {}  # name -> (file number, stored name)
         self._files: list[WeightFile] = []
         self._tensors: dict[str, TensorInfoLike] = {}

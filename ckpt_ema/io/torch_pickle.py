@@ -11,6 +11,7 @@ The state dict is looked for under the usual nestings (Lightning and kohya ``sta
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import re
 import sys
@@ -30,6 +31,12 @@ from ckpt_ema.io.source import CheckpointSource, Part, TensorInfoLike, TensorMet
 
 # torch is imported only when a torch file is read (it takes about a second): see load_pickle.
 
+# What LightningModule.load_from_checkpoint reads besides the state dict (kept for a .ckpt output).
+LIGHTNING_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "hparams_name", "hyper_parameters")
+# Classes real trainers store in checkpoints that rebuild without running code from the file (docs/trainers.md):
+# argparse.Namespace (timm's train.py saves its args): an empty object whose __dict__ is set; its values go
+# through the same restricted unpickler.
+SAFE_CLASSES: tuple[type, ...] = (argparse.Namespace,)
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle", ".tar")
 # Where trainers put the state dict, in order of preference: raw weights first, EMA copies after.
 STATE_DICT_KEYS = (
@@ -47,8 +54,9 @@ STATE_DICT_KEYS = (
 def _convert_hint(path: Path) -> str:
     return (
         'convert it once where you trust it, e.g. python -c "import torch, safetensors.torch as s; '
-        f"s.save_file(torch.load('{path.name}', weights_only=False)['state_dict'], '{path.stem}.safetensors')\" "
-        "(adjust the key), then pass the .safetensors file"
+        f"s.save_file(torch.load('{path.name}', weights_only=False)['state_dict'], 'NAME.safetensors', "
+        "metadata={'step': 'STEP'})\" (adjust the key; STEP is this checkpoint's optimizer step, so that no number "
+        "in a name is taken for it), then pass the .safetensors files"
     )
 
 
@@ -57,7 +65,8 @@ def load_pickle(path: Path) -> object:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         why = f"it needs {found.group(1)}" if found else "it holds more than tensors"
@@ -198,13 +207,20 @@ def open_torch_file(path: Path, key: str | None = None) -> CheckpointSource:
         skipped = info.skipped
         source.notes.append(f"{len(skipped)} non-tensor entries of the state dict skipped ({', '.join(skipped[:4])})")
     if isinstance(top, Mapping):
-        step = top.get("global_step")
-        if isinstance(step, int) and not isinstance(step, bool):
-            label = "Lightning 'global_step'" if "pytorch-lightning_version" in top else "'global_step' in the file"
-            source.step_records.append((label, step))
-        epoch = top.get("epoch")
-        if "arch" in top and isinstance(epoch, int) and "global_step" not in top:  # timm CheckpointSaver
-            source.epoch_numbered = f"the file records epoch {epoch}"
-        if "pytorch-lightning_version" in top:
+        lightning = "pytorch-lightning_version" in top
+        # a step saved beside the state dict (not an entry of a top-level state dict)
+        for name in ("global_step", "step") if info.key is not None else ("global_step",):
+            step = top.get(name)
+            if isinstance(step, int) and not isinstance(step, bool):
+                label = "Lightning 'global_step'" if lightning else f"{name!r} in the file"
+                source.step_records.append((label, step))
+                break
+        epoch = top.get("epoch") if info.key is not None else None
+        if isinstance(epoch, int) and not isinstance(epoch, bool):
+            source.recorded_epoch = epoch
+            if "arch" in top and not source.step_records:  # timm CheckpointSaver
+                source.epoch_numbered = f"the file records epoch {epoch}"
+        if lightning:
             source.format = f"Lightning checkpoint {top['pytorch-lightning_version']}, key {info.key!r}"
+            source.lightning = {k: v for k, v in top.items() if k in LIGHTNING_KEYS}
     return source

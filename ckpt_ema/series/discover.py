@@ -8,16 +8,34 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from ckpt_ema.errors import InputError
+from ckpt_ema.errors import CkptEmaError, InputError
 from ckpt_ema.io import CHECKPOINT_SUFFIXES, FileNote
-from ckpt_ema.io.folder import CHECKPOINT_FOLDER_NAME, WEIGHT_NAME, is_checkpoint_folder
+from ckpt_ema.io.folder import CHECKPOINT_FOLDER_NAME, is_checkpoint_folder, trainer_file_reason
 from ckpt_ema.io.links import kind_of
+from ckpt_ema.series.aliases import copy_of, is_alias_name, skip_aliases
+from ckpt_ema.series.steps import step_from_name
+
+# accelerate's ProjectConfiguration(automatic_checkpoint_naming=True): project_dir/checkpoints/checkpoint_N/
+ACCELERATE_FOLDER = "checkpoints"
+_ACCELERATE_CHECKPOINT = re.compile(r"^checkpoint_\d+$")
 
 
 def discover_inputs(inputs: Sequence[str | os.PathLike], skipped: list[FileNote] | None = None) -> list[Path]:
     """Expand INPUT arguments: files and checkpoint folders as given, series folders to their checkpoints
     (what a series folder holds besides them is noted in ``skipped``)."""
-    found = expand_inputs(inputs, skipped)
+    notes: list[FileNote] = [] if skipped is None else skipped
+    found, aliases = skip_aliases(
+        expand_inputs(inputs, notes),
+        key=file_id,
+        path=lambda p: p,
+        why=lambda p, kept: f"the same file as {kept.name} (a hard link); skipped",
+    )
+    notes.extend(aliases)
+    copies = {p: copy_of(p, found) for p in found if is_alias_name(p)}
+    for path, original in copies.items():
+        if original is not None:
+            notes.append(FileNote(str(path), f"the same content as {original.name} (a copy); skipped"))
+    found = [p for p in found if copies.get(p) is None]
     refuse_repeats(found)
     return found
 
@@ -35,6 +53,11 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], skipped: list[FileNote] |
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
+        if path.is_dir() and _accelerate_project(path):
+            notes.append(
+                FileNote(str(path / ACCELERATE_FOLDER), "accelerate project: its checkpoint_N folders are read")
+            )
+            path = path / ACCELERATE_FOLDER
         if path.is_dir():
             children = sorted(path.iterdir(), key=natural_key)  # step-9 before step-10 (and for --steps)
             numbered = [p for p in children if p.is_dir() and CHECKPOINT_FOLDER_NAME.search(p.name)]
@@ -45,12 +68,16 @@ def expand_inputs(inputs: Sequence[str | os.PathLike], skipped: list[FileNote] |
             folders = numbered or [
                 p for p in children if p.is_dir() and not p.name.startswith(".") and is_checkpoint_folder(p)
             ]
-            if numbered:  # the final save_pretrained beside checkpoint-N/ folders has no step
-                final = [p for p in files if WEIGHT_NAME.match(p.name)]
-                notes.extend(
-                    FileNote(str(p), "final model beside checkpoint folders; pass it to include it") for p in final
-                )
-                files = [p for p in files if p not in final]
+            if numbered:  # the final model (save_model, save_lora_weights) beside checkpoint-N/ has no step
+                stepless = [p for p in files if not _labels_step(p)]
+                for p in stepless:
+                    reason = (
+                        "trainer state beside checkpoint folders"
+                        if trainer_file_reason(p.name)
+                        else "final model beside checkpoint folders (no step); pass it to include it"
+                    )
+                    notes.append(FileNote(str(p), reason))
+                files = [p for p in files if p not in stepless]
             states = [p for p in folders if p.name.endswith("-state")]
             if files and states:
                 notes.extend(
@@ -112,6 +139,23 @@ def _unreadable_checkpoint(path: Path) -> str | None:
     if not stat.S_ISREG(mode):
         return f"{kind_of(mode)}, not a checkpoint file"
     return None
+
+
+def _labels_step(path: Path) -> bool:
+    """A file whose name labels a step (``step-100.safetensors``): a checkpoint, not a final model."""
+    try:
+        named = step_from_name(path.name.split(".", 1)[0])
+    except CkptEmaError:
+        return True
+    return named is not None and not named[2]
+
+
+def _accelerate_project(path: Path) -> bool:
+    """A folder whose ``checkpoints/`` holds accelerate's ``checkpoint_N`` folders (and that is no checkpoint)."""
+    folder = path / ACCELERATE_FOLDER
+    if not folder.is_dir() or is_checkpoint_folder(path):
+        return False
+    return any(p.is_dir() and _ACCELERATE_CHECKPOINT.match(p.name) for p in folder.iterdir())
 
 
 def file_id(path: Path) -> tuple[int, int]:

@@ -14,11 +14,20 @@ from pathlib import Path
 import numpy as np
 
 from ckpt_ema.errors import InputError, SeriesError, StepError
-from ckpt_ema.io import CheckpointSource, is_lora_alpha, is_lora_factor, open_checkpoint
+from ckpt_ema.io import CheckpointSource, FileNote, is_lora_alpha, is_lora_factor, open_checkpoint
+from ckpt_ema.io.folder import folder_step_records, is_checkpoint_folder
 from ckpt_ema.io.safetensors_format import DTYPES, to_float
 from ckpt_ema.math.ema import gamma_to_sigma_rel
+from ckpt_ema.series.aliases import is_alias_name, skip_aliases
 from ckpt_ema.series.discover import discover_inputs, natural_key, refuse_repeats
-from ckpt_ema.series.steps import StepInfo, detect_step, looks_like_snapshot, step_from_metadata
+from ckpt_ema.series.steps import (
+    WAYS_OUT,
+    StepInfo,
+    detect_step,
+    looks_like_snapshot,
+    step_from_metadata,
+    step_from_name,
+)
 
 NORMALISED_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel wrappers, torch.compile
 
@@ -53,13 +62,59 @@ def checkpoint_stem(path: Path) -> str:
 
 
 def checkpoint_step(path: Path, source: CheckpointSource) -> StepInfo:
-    """A checkpoint's step from its trainer's records and its name (spec §1)."""
+    """A checkpoint's step from its trainer's records, its name, and the checkpoint folder it sits in (spec §1)."""
     if source.epoch_numbered and not source.step_records and not step_from_metadata(source.metadata):
         raise StepError(
             f"{path}: timm's CheckpointSaver numbers its files by epoch ({source.epoch_numbered}), not by "
-            "optimizer step; pass --steps S0,S1,... (one per input, in the order given) or --per-checkpoint"
+            f"optimizer step; {WAYS_OUT} (--every: the steps per epoch)"
         )
-    return detect_step(str(path), checkpoint_stem(path), source.metadata, source.step_records)
+    folder = None if path.is_dir() else enclosing_folder_step(path)
+    return detect_step(
+        str(path),
+        checkpoint_stem(path),
+        source.metadata,
+        source.step_records,
+        epoch=source.recorded_epoch,
+        folder=folder,
+    )
+
+
+def enclosing_folder_step(path: Path) -> tuple[int, str] | None:
+    """The step of the checkpoint folder a file sits in (``checkpoint-500/adapter_model.safetensors``), as
+    ``(step, source)``: the folder's trainer record, else a step its name labels; None for other folders."""
+    parent = path.parent
+    if not is_checkpoint_folder(parent):
+        return None
+    records = folder_step_records(parent)
+    if records:
+        source, step = records[0]
+        return step, f"{source} of its folder {parent.name!r}"
+    named = step_from_name(parent.name)
+    if named is not None and not named[2]:
+        return named[0], f"its folder's {named[1]}"
+    return None
+
+
+def explicit_steps(
+    count: int, steps: Sequence[int] | None, every: int | None, first: int | None
+) -> list[StepInfo] | None:
+    """The steps the user gave, one per checkpoint in name order: ``--steps`` as listed, or ``--every N``
+    (``first``, ``first + N``, ...; ``first`` defaults to N). None when neither was given."""
+    if steps is not None and every is not None:
+        raise StepError("--steps and --every both give the steps; pass one of them")
+    if first is not None and every is None:
+        raise StepError("--first needs --every (the spacing of the checkpoints)")
+    if steps is not None:
+        if len(steps) != count:
+            raise StepError(f"--steps gives {len(steps)} steps for {count} checkpoints")
+        return [StepInfo(int(step), "--steps") for step in steps]
+    if every is None:
+        return None
+    if every <= 0:
+        raise StepError(f"--every must be a positive number of steps, got {every}")
+    start = every if first is None else first
+    label = f"--every {every}" + (f" --first {first}" if first is not None else "")
+    return [StepInfo(start + i * every, label) for i in range(count)]
 
 
 def load_series(
@@ -70,6 +125,9 @@ def load_series(
     key: str | None = None,
     component: Sequence[str] | None = None,
     allow_mixed_runs: bool = False,
+    every: int | None = None,
+    first: int | None = None,
+    skipped: list[FileNote] | None = None,
 ) -> list[Checkpoint]:
     """Read the headers of the inputs, find each one's step and return the series sorted by step.
 
@@ -81,16 +139,28 @@ def load_series(
         key: for torch files, the key of the state dict (``--key``).
         component: for component folders (diffusers, OneTrainer), the components to average.
         allow_mixed_runs: accept kohya files from different training sessions (``ss_session_id``).
+        every, first: the checkpoints are ``every`` steps apart in name order, the first at ``first``
+            (default ``every``): the short way to give ``steps``.
+        skipped: receives a note for each input left out (aliases such as ``last.ckpt``, files beside
+            ``checkpoint-N/`` folders), shown by ``inspect``.
 
     Raises:
         InputError, StepError, SeriesError: with a one-line message naming the file.
     """
-    paths = discover_inputs(inputs)
-    if steps is not None and len(steps) != len(paths):
-        raise StepError(f"--steps gives {len(steps)} steps for {len(paths)} checkpoints")
+    notes: list[FileNote] = [] if skipped is None else skipped
+    paths = discover_inputs(inputs, notes)
+    given = explicit_steps(len(paths), steps, every, first)
+    if given is not None and len(paths) > 1:
+        named = [p for p in paths if is_alias_name(p)]
+        if named:
+            raise StepError(
+                f"{named[0]}: a name for the newest or best checkpoint (an alias), among inputs given their steps "
+                f"by {given[0].source.split()[0]}: its step is not its place in name order; pass the numbered "
+                "checkpoints only"
+            )
     sources = [open_checkpoint(path, key=key, component=component) for path in paths]
-    if steps is not None:
-        infos = [StepInfo(int(step), "--steps") for step in steps]
+    if given is not None:
+        infos = given
     else:
         try:
             infos = [checkpoint_step(p, src) for p, src in zip(paths, sources)]
@@ -98,22 +168,21 @@ def load_series(
             if not per_checkpoint:
                 raise
             # Each file is one update: without steps, only their order matters; take it from the names.
-            first = 1 if init is not None else 0
+            start = 1 if init is not None else 0
             ranks = sorted(range(len(paths)), key=lambda i: natural_key(paths[i]))
             infos = [StepInfo(0, "")] * len(paths)
             for rank, i in enumerate(ranks):
-                infos[i] = StepInfo(first + rank, "position in name order (--per-checkpoint)")
+                infos[i] = StepInfo(start + rank, "position in name order (--per-checkpoint)")
     checkpoints = [Checkpoint(src, info.step, info) for src, info in zip(sources, infos)]
+    checkpoints, aliases = skip_aliases(
+        checkpoints,
+        key=lambda c: c.step,
+        path=lambda c: c.path,
+        why=lambda c, kept: f"a copy of {kept.path.name} (the same step {c.step}); skipped",
+    )
+    notes.extend(aliases)
     if init is not None:
-        init_path = Path(init)
-        if not init_path.exists():
-            raise InputError(f"{init_path}: --init: no such file or folder")
-        if init_path.is_dir() != paths[0].is_dir():
-            kind = "a folder" if init_path.is_dir() else "a file"
-            raise InputError(f"{init_path}: --init is {kind} but the checkpoints are not; give the same kind")
-        refuse_repeats([init_path, *paths])
-        source = open_checkpoint(init_path, key=key, component=component)
-        checkpoints.append(Checkpoint(source, 0, StepInfo(0, "--init"), is_init=True))
+        checkpoints.append(_init_checkpoint(Path(init), paths, checkpoints[-1].source, key, component))
     checkpoints.sort(key=lambda c: c.step)
     for a, b in zip(checkpoints, checkpoints[1:]):
         if a.step == b.step:
@@ -130,6 +199,31 @@ def load_series(
     normalise_keys(checkpoints)
     check_compatible(checkpoints)
     return checkpoints
+
+
+def _init_checkpoint(
+    init: Path, paths: Sequence[Path], newest: CheckpointSource, key: str | None, component: Sequence[str] | None
+) -> Checkpoint:
+    """``--init``: the weights at step 0, matched to the series' components.
+
+    A base pipeline folder given for a series of component checkpoints (``unet/`` only) is read for those
+    components; a component folder or file given alone (``base/unet``) takes the series' component prefix.
+    """
+    if not init.exists():
+        raise InputError(f"{init}: --init: no such file or folder")
+    refuse_repeats([init, *paths])
+    named = [p.name for p in newest.parts if p.name and not p.in_root]
+    wanted = component
+    if wanted is None and named and init.is_dir() and all((init / c).is_dir() for c in named):
+        wanted = named  # a base pipeline: the components the series has
+    source = open_checkpoint(init, key=key, component=wanted if init.is_dir() else None)
+    if paths[0].is_dir() and len(named) == 1 and [p.name for p in source.parts] == [""]:
+        source.rename({n: f"{named[0]}/{n}" for n in source.tensors})  # base/unet for a series of unet/ folders
+        source.notes.append(f"tensors named as the series' {named[0]}/ component")
+    elif init.is_dir() != paths[0].is_dir():
+        kind = "a folder" if init.is_dir() else "a file"
+        raise InputError(f"{init}: --init is {kind} but the checkpoints are not; give the same kind")
+    return Checkpoint(source, 0, StepInfo(0, "--init"), is_init=True)
 
 
 def check_one_run(checkpoints: Sequence[Checkpoint]) -> None:
