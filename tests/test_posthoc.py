@@ -10,7 +10,7 @@ formulas (and brute-force quadrature for the exponential target), never against 
 
 from __future__ import annotations
 
-import argparse
+import fractions
 import json
 import math
 from dataclasses import dataclass
@@ -369,7 +369,7 @@ def _pt(folder: Path, name: str, payload: dict) -> None:
          "ema-pytorch snapshot of profile 2, but only 2 tracked profile(s)"),
         (lambda d: _pt(d, "0.100.pt", {"initted": torch.tensor(True)}), ("--tracked-sigma-rel", "0.05"),
          "no 'ema_model.' tensors"),
-        (lambda d: _pt(d, "0.100.pt", {"ema_model.w": torch.zeros(2), "x": argparse.Namespace(a=1)}),
+        (lambda d: _pt(d, "0.100.pt", {"ema_model.w": torch.zeros(2), "x": fractions.Fraction(1, 3)}),
          ("--tracked-sigma-rel", "0.05"), "refused: loading it would run code from the file"),
         (lambda d: save_file({"w": torch.zeros(2)}, str(d / "ema-0000100-0.200.safetensors")),
          ("--tracked-sigma-rel", "0.05,0.1"), "snapshot of sigma_rel 0.200, which is not a tracked profile"),

@@ -128,6 +128,15 @@ def series_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="Samples per optimizer step (the global batch), for lengths in samples (default: kohya's record).",
         ),
         click.option("--steps", type=StepList(), help="Steps of the inputs, in the order given (overrides detection)."),
+        click.option(
+            "--every",
+            type=click.IntRange(min=1),
+            metavar="N",
+            help="The inputs are N steps apart, in name order, the first at step N (overrides detection).",
+        ),
+        click.option(
+            "--first", type=click.IntRange(min=0), metavar="STEP", help="With --every: the step of the first input."
+        ),
         click.option("--per-checkpoint", is_flag=True, help="Each checkpoint is one EMA update (ignores step counts)."),
         click.option(
             "--init",
@@ -145,9 +154,10 @@ def series_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--dtype",
             type=click.Choice(list(OUTPUT_DTYPES)),
-            default="same",
+            default="auto",
             show_default=True,
-            help="Dtype of averaged tensors in the output.",
+            help="Dtype of averaged tensors in the output (auto: the inputs' dtype, FP32 for a reconstruction "
+            "from EMA snapshots).",
         ),
         click.option(
             "--tracked-sigma-rel",
@@ -185,7 +195,13 @@ def target_values(options: dict[str, Any]) -> dict[str, Any]:
 
 def plan_options(options: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of :func:`plan_merge` from the options of ``series_options``."""
+    if options.get("every") is not None and options.get("steps") is not None:
+        raise click.UsageError("--steps and --every both give the steps; pass one of them")
+    if options.get("first") is not None and options.get("every") is None:
+        raise click.UsageError("--first needs --every (the spacing of the checkpoints in steps)")
     return {
+        "every": options.get("every"),
+        "first": options.get("first"),
         **target_values(options),
         "at": options["at"],
         "tokens_per_step": options["tokens_per_step"],

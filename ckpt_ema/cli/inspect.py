@@ -11,17 +11,30 @@ from typing import Any
 import click
 
 from ckpt_ema.cli import main
-from ckpt_ema.cli.common import reader_options, say, say_lines, user_errors
+from ckpt_ema.cli.common import (
+    plan_from,
+    plan_options,
+    say,
+    say_lines,
+    series_options,
+    split_target_lists,
+    target_values,
+    user_errors,
+)
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.io import CheckpointSource, FileNote, is_lora_alpha, open_checkpoint
+from ckpt_ema.math.reconstruct import tracked_gammas
 from ckpt_ema.series.discover import discover_inputs
-from ckpt_ema.series.load import checkpoint_step, load_series
+from ckpt_ema.series.load import Checkpoint, checkpoint_step, load_series
+from ckpt_ema.series.snapshots import load_snapshots
+from ckpt_ema.series.steps import StepInfo
 
 
-def describe_source(source: CheckpointSource) -> dict[str, Any]:
-    """A checkpoint's format, step, tensors and files, as plain data (headers only)."""
+def describe_source(source: CheckpointSource, info: StepInfo | None = None) -> dict[str, Any]:
+    """A checkpoint's format, step (``info``, or found from the checkpoint alone), tensors and files, as plain
+    data (headers only)."""
     try:
-        info = checkpoint_step(source.path, source)
+        info = info or checkpoint_step(source.path, source)
         step: dict[str, Any] = {"step": info.step, "source": info.source, "ambiguous": info.ambiguous}
     except CkptEmaError as exc:
         step = {"step": None, "error": str(exc)}
@@ -86,49 +99,40 @@ def _text(entry: dict[str, Any], previous: dict[str, Any] | None = None) -> list
     return lines
 
 
-def _reader_options(command: Any) -> Any:
-    for option in reversed(reader_options):
-        command = option(command)
-    return command
-
-
 @main.command("inspect")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
-@_reader_options
+@series_options
 @user_errors
-def inspect_command(inputs: tuple[Path, ...], as_json: bool, **options: Any) -> None:
+def inspect_command(**options: Any) -> None:
     """List the checkpoints found, each one's step and where it came from, format, dtypes, size,
     and the files that are ignored and why. Reads headers only. Exits 1 when the inputs do not form a
-    series that merge would accept.
+    series that merge would accept. Takes every option plan takes (--steps, --every, --init,
+    --tracked-sigma-rel, --key, --component, targets, ...), so that it checks the series plan would read.
 
     \b
     Examples:
       ckpt-ema inspect output/            # a folder of checkpoint files or checkpoint-N/ folders
       ckpt-ema inspect workspace/backup/ --component unet
+      ckpt-ema inspect train/ --every 500  # timm: checkpoint-N is an epoch
+      ckpt-ema inspect post-hoc-ema-checkpoints/ --tracked-sigma-rel 0.05,0.28
     """
-    component = options["component"] or None
+    split_target_lists(options)
+    inputs, as_json = options["inputs"], options["as_json"]
+    kwargs = plan_options(options)  # checks --every/--steps/--first usage first
     skipped: list[FileNote] = []
     paths = discover_inputs(inputs, skipped)
-    entries = []
-    for path in paths:
-        try:
-            entries.append(describe_source(open_checkpoint(path, options["key"], component)))
-        except CkptEmaError as exc:  # shown in its place; the series is then not checked
-            entries.append({"path": str(path), "step": None, "unreadable": str(exc)})
-    entries.sort(key=lambda e: (e["step"] is None, e["step"] if e["step"] is not None else 0, e["path"]))
-    unreadable = sum("unreadable" in e for e in entries)
-    if unreadable:
-        verdict, ok = f"problem: {unreadable} checkpoint(s) cannot be read (see above)", False
-    else:
-        try:
-            series = load_series(
-                inputs, key=options["key"], component=component, allow_mixed_runs=options["allow_mixed_runs"]
-            )
-            verdict = f"ok: {len(series)} checkpoints, steps {series[0].step} to {series[-1].step}, same tensors"
-            ok = True
-        except CkptEmaError as exc:
-            verdict, ok = f"problem: {exc}", False
+    try:
+        series = _series(inputs, kwargs, skipped)
+        if any(target_values(options).values()):
+            plan_from(options)  # the targets, --at, --interp, --dtype as plan checks them
+        entries = [describe_source(c.source, c.step_info) for c in series]
+        ok = True
+        snapshots = "snapshots" if kwargs["tracked_sigma_rel"] or kwargs["tracked_gamma"] else "checkpoints"
+        verdict = f"ok: {len(series)} {snapshots}, steps {series[0].step} to {series[-1].step}, same tensors"
+    except CkptEmaError as exc:
+        entries = _each_alone(paths, kwargs)
+        unreadable = sum("unreadable" in e for e in entries)
+        ok = False
+        verdict = f"problem: {unreadable} checkpoint(s) cannot be read (see above)" if unreadable else f"problem: {exc}"
     if as_json:
         summary = {
             "checkpoints": entries,
@@ -146,3 +150,38 @@ def inspect_command(inputs: tuple[Path, ...], as_json: bool, **options: Any) -> 
     say(f"series: {verdict}")
     if not ok:
         sys.exit(1)
+
+
+def _series(inputs: Any, kwargs: dict[str, Any], skipped: list[FileNote]) -> list[Checkpoint]:
+    """The series as plan reads it (raw checkpoints, or EMA snapshots with --tracked-*), sorted by step."""
+    if kwargs["tracked_sigma_rel"] or kwargs["tracked_gamma"]:
+        gammas = tracked_gammas(kwargs["tracked_sigma_rel"], kwargs["tracked_gamma"])
+        return load_snapshots(inputs, gammas, kwargs["steps"])
+    notes: list[FileNote] = []
+    series = load_series(
+        inputs,
+        steps=kwargs["steps"],
+        every=kwargs["every"],
+        first=kwargs["first"],
+        init=kwargs["init"],
+        per_checkpoint=kwargs["per_checkpoint"],
+        key=kwargs["key"],
+        component=kwargs["component"],
+        allow_mixed_runs=kwargs["allow_mixed_runs"],
+        skipped=notes,
+    )
+    known = {n.relpath for n in skipped}
+    skipped.extend(n for n in notes if n.relpath not in known)
+    return series
+
+
+def _each_alone(paths: list[Path], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each checkpoint on its own, its step found from it alone (when the series as a whole is refused)."""
+    entries = []
+    for path in paths:
+        try:
+            entries.append(describe_source(open_checkpoint(path, kwargs["key"], kwargs["component"])))
+        except CkptEmaError as exc:  # shown in its place
+            entries.append({"path": str(path), "step": None, "unreadable": str(exc)})
+    entries.sort(key=lambda e: (e["step"] is None, e["step"] if e["step"] is not None else 0, e["path"]))
+    return entries

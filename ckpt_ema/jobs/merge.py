@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ckpt_ema.engine.merge_pass import RANGE_LIMITED, MemorySink, MergePass
-from ckpt_ema.errors import OutputError, StrictError
+from ckpt_ema.errors import OutputError, StrictError, TargetError
 from ckpt_ema.io.source import FileNote
 from ckpt_ema.jobs.estimate import EstimateGatherer, not_estimated
 from ckpt_ema.jobs.integrity import (
@@ -63,10 +63,12 @@ def plan_merge(
     gamma: Numbers = (),
     at: int | str | None = None,
     steps: Sequence[int] | None = None,
+    every: int | None = None,
+    first: int | None = None,
     init: str | os.PathLike | None = None,
     interp: str = "linear",
     per_checkpoint: bool = False,
-    dtype: str = "same",
+    dtype: str = "auto",
     key: str | None = None,
     component: Sequence[str] | None = None,
     allow_mixed_runs: bool = False,
@@ -84,10 +86,13 @@ def plan_merge(
         at: target step (a checkpoint's step; or a length such as ``"2Btokens"``); default the last one.
             Later checkpoints are ignored.
         steps: explicit steps, one per input file in the order given.
+        every, first: the inputs are ``every`` steps apart in name order, the first at ``first`` (default
+            ``every``): the short way to give ``steps``.
         init: the weights at step 0, e.g. the base model a fine-tune started from.
         interp: ``"linear"`` or ``"hold"``: how the weights move between checkpoints.
         per_checkpoint: each checkpoint is one EMA update (musubi-tuner style), steps ignored.
-        dtype: ``"same"`` (the checkpoints' dtype), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        dtype: ``"auto"`` (the checkpoints' dtype; FP32 for a reconstruction from EMA snapshots), ``"same"``
+            (the checkpoints' dtype), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
         key: for torch files, the key of the state dict (default: the usual nestings are searched).
         component: for component folders (diffusers, OneTrainer), the components to average (default: all).
         allow_mixed_runs: accept kohya files from different training sessions (``ss_session_id``).
@@ -102,6 +107,8 @@ def plan_merge(
     tokens = check_per_step("--tokens-per-step", tokens_per_step)
     samples = check_per_step("--samples-per-step", samples_per_step)
     if tracked_sigma_rel or tracked_gamma:
+        if every is not None or first is not None:
+            raise TargetError("--every does not apply to EMA snapshots (several profiles per step); use --steps")
         given = step_size_from_record([], [], tokens, samples)
         return plan_posthoc(
             inputs, in_steps(targets, given), tracked_sigma_rel, tracked_gamma, at=at_step(at, given), steps=steps,
@@ -112,6 +119,8 @@ def plan_merge(
     checkpoints = load_series(
         inputs,
         steps=steps,
+        every=every,
+        first=first,
         init=init,
         per_checkpoint=per_checkpoint,
         key=key,

@@ -26,7 +26,10 @@ import numpy as np
 from ckpt_ema.errors import InputError, OutputError
 from ckpt_ema.io import CheckpointSource
 from ckpt_ema.io.links import inside, kind_of
+from ckpt_ema.output.configs import config_dtype_name, copy_config
 from ckpt_ema.output.dcp import DcpWriter
+from ckpt_ema.output.lightning import SUFFIX as LIGHTNING_SUFFIX
+from ckpt_ema.output.lightning import LightningCheckpointWriter
 from ckpt_ema.output.writer import (
     OutputWriter,
     SafetensorsWriter,
@@ -95,12 +98,20 @@ def open_output(
     fmt: str | None,
     options: WriteOptions | None = None,
 ) -> OutputWriter:
-    """The sink that writes one output: a ``SafetensorsWriter``, a ``FolderWriter`` or a ``DcpWriter``."""
+    """The sink that writes one output: a ``SafetensorsWriter``, a ``FolderWriter``, a ``DcpWriter``, or for a
+    ``.ckpt`` path of Lightning inputs a ``LightningCheckpointWriter``."""
     if writes_dcp(plan, fmt):
         return DcpWriter(path, plan.tensors, metadata, options)
     if writes_folder(plan, fmt):
         return FolderWriter(path, plan, metadata, options)
     source = plan.newest.source
+    if path.suffix.lower() == LIGHTNING_SUFFIX:
+        if not source.lightning:
+            raise OutputError(
+                f"{path}: a .ckpt output is a Lightning checkpoint, and {source.path.name} is not one; "
+                "name the output .safetensors"
+            )
+        return LightningCheckpointWriter(path, plan.tensors, source.lightning, metadata)
     prefix = source.parts[0].prefix if source.is_folder else ""
     if not prefix:
         return SafetensorsWriter(path, plan.tensors, metadata, options)
@@ -152,6 +163,7 @@ class FolderWriter:
         self._writers: list[SafetensorsWriter] = []
         self._route: dict[str, tuple[SafetensorsWriter, str]] = {}
         self._indexes: list[tuple[Path, dict[str, object]]] = []
+        self._dtypes: dict[str, set[str]] = {}  # part folder -> output dtypes of its float tensors
         try:
             remove_stale_temps(path.parent)
             self.temp.mkdir(mode=self._folder_mode)
@@ -176,6 +188,7 @@ class FolderWriter:
             total = 0
             for weight_file in part.files:
                 inner = [_strip(t, part.prefix) for t in by_file.get(number, [])]
+                self._dtypes.setdefault(part.folder, set()).update(t.out_dtype for t in inner if t.is_float)
                 number += 1
                 relpath = output_file_name(weight_file.relpath)
                 destination = self.temp / relpath
@@ -209,6 +222,11 @@ class FolderWriter:
         for relpath in source.copied:
             destination = self.temp / relpath.rstrip("/")
             self._make_folders(destination.parent)
+            folder, _, name = relpath.rpartition("/")
+            if name == "config.json" and folder in self._dtypes:  # says the dtype the weights are written in
+                origin = inside(source.path, source.path / relpath)  # links only inside the checkpoint
+                if copy_config(origin, destination, config_dtype_name(self._dtypes[folder])):
+                    continue
             self._copy(source.path, source.path / relpath.rstrip("/"), destination, frozenset())
 
     def _copy(self, root: Path, origin: Path, destination: Path, visiting: frozenset[Path]) -> None:

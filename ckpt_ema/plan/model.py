@@ -23,7 +23,8 @@ from ckpt_ema.plan.kinds import METHODS
 from ckpt_ema.series.lengths import StepSize
 from ckpt_ema.series.load import Checkpoint
 
-OUTPUT_DTYPES = {"same": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
+# auto: the inputs' dtype for an EMA of raw weights, FP32 for a reconstruction (plan/posthoc.py)
+OUTPUT_DTYPES = {"auto": None, "same": None, "fp32": "F32", "bf16": "BF16", "fp16": "F16"}
 # Equivalents that are lengths in steps: Plan.equivalents adds them in tokens/samples (``half_life_tokens``).
 LENGTH_KEYS = ("half_life", "length")
 # Reconstruction outputs (posthoc.py) carry these in their params; to_json also shows them per output.
@@ -69,6 +70,7 @@ class Plan:
     tensors: tuple[TensorPlan, ...]
     warnings: tuple[str, ...] = field(default=())
     step_size: StepSize | None = None  # tokens/samples per step, when known (lengths shown in them too)
+    notes: tuple[str, ...] = field(default=())  # choices made for the user that are not warnings (output dtype)
 
     @property
     def newest(self) -> Checkpoint:
@@ -141,10 +143,11 @@ class Plan:
                 for o in self.outputs
             ],
             "warnings": list(self.warnings),
+            "notes": list(self.notes),
         }
 
 
-def plan_tensors(checkpoints: Sequence[Checkpoint], dtype: str = "same") -> tuple[TensorPlan, ...]:
+def plan_tensors(checkpoints: Sequence[Checkpoint], dtype: str = "auto") -> tuple[TensorPlan, ...]:
     """Output tensors in name order within each weight file of the newest checkpoint; float ones take
     ``dtype`` (``same``: the newest checkpoint's dtype)."""
     if dtype not in OUTPUT_DTYPES:

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from ckpt_ema.errors import TargetError
 from ckpt_ema.math.reconstruct import solve_reconstructions, tracked_gammas
-from ckpt_ema.plan.model import OutputPlan, Plan, plan_tensors
+from ckpt_ema.plan.model import OutputPlan, Plan, TensorPlan, plan_tensors
 from ckpt_ema.plan.targets import Target
 from ckpt_ema.series.load import Checkpoint
 from ckpt_ema.series.snapshots import load_snapshots
@@ -39,7 +39,7 @@ def plan_posthoc(
     steps: Sequence[int] | None = None,
     init: str | os.PathLike | None = None,
     per_checkpoint: bool = False,
-    dtype: str = "same",
+    dtype: str = "auto",
 ) -> Plan:
     """Find the snapshots and plan the reconstruction of each target (what ``plan_merge`` does with
     ``tracked_sigma_rel``/``tracked_gamma``). ``init`` and ``per_checkpoint`` do not apply and are refused."""
@@ -59,7 +59,7 @@ def plan_reconstruction(
     snapshots: Sequence[Checkpoint],
     targets: Sequence[Target],
     at: int | None = None,
-    dtype: str = "same",
+    dtype: str = "auto",
 ) -> Plan:
     """Plan each target as a combination of the power-EMA snapshots at or before step ``at`` (spec §4).
 
@@ -102,9 +102,23 @@ def plan_reconstruction(
         interp="snapshots",
         per_checkpoint=False,
         outputs=tuple(outputs),
-        tensors=plan_tensors(used, dtype),
+        tensors=_at_least_fp32(plan_tensors(used, dtype)) if dtype == "auto" else plan_tensors(used, dtype),
     )
-    return replace(plan, warnings=tuple(_warnings(plan, targets)))
+    notes: tuple[str, ...] = ()
+    stored = sorted({info.dtype for info in used[-1].source.tensors.values() if info.is_float})
+    if dtype == "auto" and set(stored) - {"F32", "F64"}:
+        notes = (
+            f"output dtype F32 (the snapshots are {', '.join(stored)}): a reconstruction's coefficients can cancel, "
+            "so it is written in full precision; --dtype same keeps the snapshots' dtype",
+        )
+    return replace(plan, warnings=tuple(_warnings(plan, targets)), notes=notes)
+
+
+def _at_least_fp32(tensors: tuple[TensorPlan, ...]) -> tuple[TensorPlan, ...]:
+    """A reconstruction's default dtype: FP16/BF16 (ema-pytorch's default snapshots) written as FP32."""
+    return tuple(
+        replace(t, out_dtype="F32") if t.is_float and t.out_dtype not in ("F32", "F64") else t for t in tensors
+    )
 
 
 def target_sigma_rel(target: Target, target_step: int) -> float:

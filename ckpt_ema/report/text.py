@@ -77,6 +77,7 @@ def describe_plan(plan: Plan) -> str:
     """Everything ``ckpt-ema plan`` prints, warnings last."""
     lines = describe_series(plan) + [""] + describe_coefficients(plan) + [""]
     lines += [describe_output(plan, o) for o in plan.outputs]
+    lines += [f"note: {n}" for n in plan.notes]
     lines += [f"warning: {w}" for w in plan.warnings]
     return printable_lines(lines)  # each line escaped: names and paths come from files
 

@@ -1,0 +1,77 @@
+"""A Lightning ``.ckpt`` output that ``LightningModule.load_from_checkpoint`` loads.
+
+The file holds what ``load_from_checkpoint`` reads: ``state_dict`` (the EMA), ``hyper_parameters`` and
+``hparams_name`` (so the module is rebuilt with the arguments it was trained with), ``pytorch-lightning_version``,
+``epoch`` and ``global_step``, all from the newest input, plus the provenance under ``ckpt_ema``. There is no
+optimizer, scheduler, loop or callback state: it is a model to load, not a run to resume.
+
+``torch.save`` needs the whole state dict, so the tensors are gathered in memory (one output's size), then the
+file is written to a temporary name in the destination folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from ckpt_ema.errors import OutputError
+from ckpt_ema.io.safetensors_format import DTYPES
+from ckpt_ema.output.writer import temp_path_for
+from ckpt_ema.plan.model import TensorPlan
+
+SUFFIX = ".ckpt"
+# what load_from_checkpoint reads besides state_dict; copied from the newest input when it has them
+LIGHTNING_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "hparams_name", "hyper_parameters")
+
+
+class LightningCheckpointWriter:
+    """Gathers one output's tensors (written in plan order, possibly in chunks) and saves them as a ``.ckpt``."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tensors: Sequence[TensorPlan],
+        extras: Mapping[str, object],
+        metadata: Mapping[str, str],
+    ) -> None:
+        self.path = Path(path)
+        self.temp_path = temp_path_for(self.path)
+        self._extras = {k: extras[k] for k in LIGHTNING_KEYS if k in extras}
+        self._metadata = dict(metadata)
+        self._tensors = {t.name: torch.empty(t.shape, dtype=DTYPES[t.out_dtype][0]) for t in tensors}
+        self._filled = {name: 0 for name in self._tensors}
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        """Append (part of) tensor ``name``; ``data`` is contiguous in the output dtype."""
+        flat = self._tensors[name].view(-1)
+        start = self._filled[name]
+        flat[start : start + data.numel()] = data.reshape(-1)
+        self._filled[name] = start + data.numel()
+
+    def commit(self) -> None:
+        missing = [n for n, t in self._tensors.items() if self._filled[n] != t.numel()]
+        if missing:
+            raise RuntimeError(f"{self.path}: {len(missing)} tensors were not written")
+        state = {
+            **self._extras,
+            "state_dict": OrderedDict(self._tensors),
+            "ckpt_ema": self._metadata,
+        }
+        try:
+            torch.save(state, self.temp_path)
+            os.replace(self.temp_path, self.path)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.temp_path)
