@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[test,fast,plot]"
+	# timm for tests/test_trainers_timm.py, without torchvision (see pyproject.toml; the test stubs its import)
+	$(PIP) install --quiet --no-deps "timm>=1.0.20"
 	touch $@
 
 install: $(VENV)/.installed
