@@ -162,3 +162,12 @@ def test_inspect_takes_the_options_plan_takes(loop, tmp_path):
     report = inspect_json(loop.root, "--steps", "1,2,3,4", "--key", "model", "--per-checkpoint")
     assert [c["step"] for c in report["checkpoints"]] == [1, 2, 3, 4]
     assert all(c["source"] == "--steps" for c in report["checkpoints"])
+
+
+def test_merge_says_where_the_steps_came_from(loop, accel, tmp_path):
+    said = cli("merge", loop.root, "--decay", BETA, "-o", tmp_path / "a.safetensors").stderr
+    assert "steps 10 to 40 (4 inputs) from 'step' in the file" in said, said
+    said = cli("merge", accel.root, "--decay", BETA, "-o", tmp_path / "b").stderr
+    assert "steps 5 to 30 (6 inputs) from accelerate optimizer.bin 'step'" in said, said
+    said = cli("merge", loop.root, "--every", 10, "--decay", BETA, "-o", tmp_path / "c.safetensors").stderr
+    assert "from --every 10" in said, said

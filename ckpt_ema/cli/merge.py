@@ -32,6 +32,7 @@ from ckpt_ema.report.text import (
     describe_estimate,
     describe_output,
     describe_plan,
+    describe_step_sources,
     estimate_json,
 )
 
@@ -150,6 +151,7 @@ def _report(
                 entry["estimate"] = estimate_json(estimates[k], reasons[k])
         click.echo(json.dumps(summary, indent=2))
     elif not quiet and paths is not None:
+        click.echo(describe_step_sources(plan), err=True)
         for k, (out, path) in enumerate(zip(plan.outputs, paths)):
             detail = f"; {describe_estimate(estimates[k], reasons[k])}" if estimates is not None else ""
             say(f"wrote {path}  ({describe_output(plan, out)}{detail})")

@@ -6,8 +6,9 @@ two places, both read with ``torch.load(weights_only=True, mmap=True)``:
 
 * ``optimizer.bin``: Adam-family optimizers keep a per-parameter ``step`` (the number of updates it took part
   in); when every parameter has the same count, that is the optimizer step;
-* ``scheduler.bin``: a learning-rate scheduler's ``last_epoch`` counts its ``step()`` calls (once per optimizer
-  step on one process; accelerate steps it once per process otherwise), used only without the optimizer's.
+* ``scheduler.bin``: a learning-rate scheduler's ``last_epoch`` counts its ``step()`` calls: once per optimizer
+  step on one process, but accelerate steps it once per process otherwise, so it is used only without the
+  optimizer's count and only when the folder holds one process's RNG state (no ``random_states_1.pkl``).
 
 ``random_states_0.pkl`` also holds a ``step``, but it counts ``accumulate()`` calls (micro-batches), and its
 numpy random state needs more than plain tensors to load, so it is not read.
@@ -40,7 +41,7 @@ def accelerate_step_records(folder: Path) -> list[tuple[str, int]]:
         if step is not None:
             return [(f"accelerate {OPTIMIZER_FILE} 'step'", step)]
     scheduler = folder / SCHEDULER_FILE
-    if scheduler.is_file():
+    if scheduler.is_file() and not (folder / "random_states_1.pkl").exists():
         state = _load(scheduler)
         last = state.get("last_epoch") if isinstance(state, Mapping) else None
         if isinstance(last, int) and not isinstance(last, bool) and last >= 0:

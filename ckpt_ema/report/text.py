@@ -44,6 +44,16 @@ def describe_series(plan: Plan) -> list[str]:
     return lines
 
 
+def describe_step_sources(plan: Plan) -> str:
+    """One line: the steps of the series and where they came from (every step-detection path says its source)."""
+    counts: dict[str, int] = {}
+    for c in plan.checkpoints:
+        counts[c.step_info.source] = counts.get(c.step_info.source, 0) + 1
+    sources = "; ".join(f"{source} ({n})" if len(counts) > 1 else source for source, n in counts.items())
+    steps = [c.step for c in plan.checkpoints]
+    return f"steps {steps[0]} to {steps[-1]} ({len(steps)} inputs) from {sources}"
+
+
 def describe_coefficients(plan: Plan) -> list[str]:
     """A table: one row per checkpoint, one column per output."""
     names = [o.name for o in plan.outputs]
