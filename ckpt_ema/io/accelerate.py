@@ -57,8 +57,8 @@ def _optimizer_step(path: Path) -> int | None:
     counts = set()
     for entry in per_param.values():
         step = entry.get("step") if isinstance(entry, Mapping) else None
-        if is_tensor(step) and step.numel() == 1:  # type: ignore[union-attr]
-            step = float(step.item())  # type: ignore[union-attr]
+        if is_tensor(step) and step.numel() == 1:
+            step = float(step.item())
         if not isinstance(step, (int, float)) or isinstance(step, bool) or step != int(step):
             return None
         counts.add(int(step))

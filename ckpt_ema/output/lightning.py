@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from ckpt_ema.errors import OutputError
 from ckpt_ema.io.safetensors_format import DTYPES
@@ -43,25 +43,28 @@ class LightningCheckpointWriter:
         self.temp_path = temp_path_for(self.path)
         self._extras = {k: extras[k] for k in LIGHTNING_KEYS if k in extras}
         self._metadata = dict(metadata)
-        self._tensors = {t.name: torch.empty(t.shape, dtype=DTYPES[t.out_dtype][0]) for t in tensors}
-        self._filled = {name: 0 for name in self._tensors}
+        self._plans = {t.name: t for t in tensors}
+        # each tensor's values in its storage type (BF16 as uint16: safetensors_format.DTYPES), filled in order
+        self._arrays = {t.name: np.empty(t.shape, dtype=DTYPES[t.out_dtype][0]) for t in tensors}
+        self._filled = {name: 0 for name in self._arrays}
 
-    def write(self, name: str, data: torch.Tensor) -> None:
+    def write(self, name: str, data: np.ndarray) -> None:
         """Append (part of) tensor ``name``; ``data`` is contiguous in the output dtype."""
-        flat = self._tensors[name].view(-1)
+        flat = self._arrays[name].reshape(-1)
         start = self._filled[name]
-        flat[start : start + data.numel()] = data.reshape(-1)
-        self._filled[name] = start + data.numel()
+        flat[start : start + data.size] = data.reshape(-1)
+        self._filled[name] = start + data.size
 
     def commit(self) -> None:
-        missing = [n for n, t in self._tensors.items() if self._filled[n] != t.numel()]
+        import torch
+
+        from ckpt_ema.io.torch_edge import to_torch
+
+        missing = [n for n, a in self._arrays.items() if self._filled[n] != a.size]
         if missing:
             raise RuntimeError(f"{self.path}: {len(missing)} tensors were not written")
-        state = {
-            **self._extras,
-            "state_dict": OrderedDict(self._tensors),
-            "ckpt_ema": self._metadata,
-        }
+        state_dict = OrderedDict((n, to_torch(a, self._plans[n].out_dtype)) for n, a in self._arrays.items())
+        state = {**self._extras, "state_dict": state_dict, "ckpt_ema": self._metadata}
         try:
             torch.save(state, self.temp_path)
             os.replace(self.temp_path, self.path)
