@@ -271,7 +271,7 @@ def _accelerate_parts(folder: Path) -> list[Part]:
         (p for p in folder.iterdir() if p.is_file() and ACCELERATE_MODELS.match(p.name) and p.suffix == ".safetensors"),
         key=lambda p: (len(p.name), p.name),
     )
-    return [Part(p.name.split(".")[0], [_weight_file(p, p.name)], in_root=True) for p in files]
+    return [Part(p.name.split(".")[0], [_weight_file(folder, p, p.name)], in_root=True) for p in files]
 
 
 def _describe(path: Path, parts: list[Part]) -> str:
