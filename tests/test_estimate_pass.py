@@ -199,3 +199,21 @@ def test_nan_in_a_checkpoint_gives_no_estimate_and_says_why(series, tmp_path):
     result = cli("merge", tmp_path / "run", "--decay", 0.99, "-o", tmp_path / "x.safetensors", "--json")
     estimate = json.loads(result.stdout)["outputs"][0]["estimate"]
     assert estimate == {"sig": None, "reason": "the checkpoints hold NaN or Inf values"}
+
+
+def test_doctor_answers_the_spacing_for_a_wanted_sig_and_it_holds_on_the_run(series, tmp_path):
+    # The inverse question: doctor, on checkpoints every 25 steps, names a spacing for sig <= 0.1 at decay 0.99;
+    # checkpoints of the same run at that spacing, merged, must land within the estimate's factor of 0.1.
+    states, folder, init = series
+    result = cli("doctor", folder, "--init", init, "--decay", 0.99, "--target-sig", 0.1, "--json")
+    d = json.loads(result.stdout)
+    assert isinstance(d["estimate"]["sig"], float) and d["target_sig"] == 0.1
+    every = d["save_every"]
+    assert every is not None and every < SPACING and d["save_every_sig"] <= 0.1
+    truth = classic_truth(states, 0.99)
+    save_series(states, tmp_path / "finer", range(every, STEPS + 1, every))
+    out = tmp_path / "finer.safetensors"
+    cli("merge", tmp_path / "finer", "--init", init, "--decay", 0.99, "-o", out, "--no-estimate", "-q")
+    assert sig_error(load_file(out), truth, states[-1]) <= 0.2
+    text = cli("doctor", folder, "--init", init, "--decay", 0.99, "--target-sig", 0.1).stdout
+    assert f"save a checkpoint every {every} steps" in text

@@ -10,7 +10,7 @@ import click
 
 from ckpt_ema.cli import main
 from ckpt_ema.cli.common import StepList, reader_options, run_pass, say, say_lines, user_errors
-from ckpt_ema.jobs.doctor import FORMATS, Checkup, describe_diagnosis
+from ckpt_ema.jobs.doctor import FORMATS, TARGET_SIG, Checkup, describe_diagnosis
 
 
 def _reader_options(command: Any) -> Any:
@@ -35,6 +35,14 @@ def _reader_options(command: Any) -> Any:
 )
 @click.option("--init", type=click.Path(path_type=Path), metavar="PATH", help="Weights at step 0 (the base model).")
 @click.option("--steps", type=StepList(), help="Steps of the inputs, in the order given (overrides detection).")
+@click.option(
+    "--target-sig",
+    type=float,
+    default=TARGET_SIG,
+    show_default=True,
+    help="For the next run: the checkpoint spacing at which the EMA of --decay is predicted within this sig "
+    "of the per-step EMA (docs/estimate.md).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print every number as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_reader_options
@@ -46,6 +54,7 @@ def doctor(
     ema: Path | None,
     init: Path | None,
     steps: list[int] | None,
+    target_sig: float,
     as_json: bool,
     quiet: bool,
     key: str | None,
@@ -61,7 +70,7 @@ def doctor(
       ckpt-ema doctor --ema ema.safetensors runs/ --decay 0.999 --init base.safetensors
     """
     checkup = Checkup(inputs, decay=decay, dtype=dtype, ema=ema, init=init, steps=steps, key=key,
-                      component=component or None)  # fmt: skip
+                      component=component or None, target_sig=target_sig)  # fmt: skip
     for warning in checkup.base.warnings if checkup.base else ():
         say(f"warning: {warning}", err=True)
     run_pass(checkup, checkup.total_bytes, "doctor", quiet)

@@ -30,7 +30,9 @@ import numpy as np
 from ckpt_ema.engine.merge_pass import MergePass
 from ckpt_ema.errors import InputError, SeriesError, TargetError
 from ckpt_ema.io import open_checkpoint
+from ckpt_ema.jobs.estimate import EstimateGatherer, not_estimated
 from ckpt_ema.math import ema as kernels
+from ckpt_ema.math import estimate as est
 from ckpt_ema.plan.ema import plan_ema
 from ckpt_ema.plan.model import OutputPlan, Plan
 from ckpt_ema.plan.targets import Target, parse_target
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 FORMATS = {"bf16": (8, -125, "BF16"), "fp16": (11, -13, "F16"), "fp32": (24, -125, "F32")}
 DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp32"}
 MAX_SAMPLES = 8
+TARGET_SIG = 0.05  # doctor's default for the inverse question (the spacing for the next run)
 RECOMMENDED_FRACTIONS = (0.025, 0.05, 0.10, 0.20)
 RECOMMENDED_SIGMA_REL = ("0.05", "0.1", "0.2")
 
@@ -83,6 +86,10 @@ class Diagnosis:
     recommended_decays: list[str] = field(default_factory=list)
     recommended_sigma_rel: list[str] = field(default_factory=list)
     command: str | None = None
+    estimate: dict[str, object] | None = None  # the error estimate of the EMA of --decay (docs/estimate.md)
+    target_sig: float | None = None  # the inverse question: the sig wanted for the next run
+    save_every: int | None = None  # the largest spacing (steps) predicted to reach it
+    save_every_sig: float | None = None  # the sig predicted at that spacing
     warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
@@ -102,7 +109,12 @@ class Checkup:
         steps: Sequence[int] | None = None,
         key: str | None = None,
         component: Sequence[str] | None = None,
+        target_sig: float = TARGET_SIG,
     ) -> None:
+        if not 0.0 < target_sig < 1.0:
+            raise TargetError(f"--target-sig must be in (0, 1), got {target_sig}")
+        self.target_sig = target_sig
+        self.gatherer: EstimateGatherer | None = None
         if dtype is not None and dtype not in FORMATS:
             raise TargetError(f"--dtype must be one of {', '.join(FORMATS)}, got {dtype!r}")
         if ema is not None and decay is None:
@@ -150,7 +162,9 @@ class Checkup:
         plan = replace(self.base, checkpoints=tuple(columns), outputs=tuple(rows))
         ema_dtype = FORMATS[self.trainer_dtype][2] if self.trainer else "F32"
         self.stats = _Stats(plan, roles, len(self.samples), target.decay, self.dtype, ema_dtype)
-        self.pass_ = MergePass(plan, [], rows_sink=self.stats)
+        if not_estimated(self.base, "classic") is None:  # the EMA at T is the last sample's "ema" row
+            self.gatherer = EstimateGatherer(self.base, pass_plan=plan, result_rows=[2 * (len(self.samples) - 1)])
+        self.pass_ = MergePass(plan, [], rows_sink=self.stats, chunk_sink=self.gatherer)
 
     @property
     def trainer_dtype(self) -> str:
@@ -200,6 +214,8 @@ class Checkup:
                     unchanged_share=stats.unchanged / max(stats.values, 1),
                     unchanged_share_fp32=stats.unchanged_fp32 / max(stats.values, 1),
                 )
+        if self.gatherer is not None and self.pass_ is not None:
+            self._estimate(d)
         if run_length > 0:
             d.recommended_half_lives = [f * run_length for f in RECOMMENDED_FRACTIONS]
             d.recommended_decays = [_round_decay(h) for h in d.recommended_half_lives]
@@ -210,6 +226,27 @@ class Checkup:
                  "--sigma-rel", ",".join(d.recommended_sigma_rel), "-o", "sweep/", "--eval", "YOUR_EVAL_COMMAND {path}"]
             )  # fmt: skip
         return d
+
+    def _estimate(self, d: Diagnosis) -> None:
+        """The error estimate of the EMA of --decay and the spacing that reaches --target-sig."""
+        assert self.gatherer is not None and self.decay is not None
+        (e,) = self.gatherer.estimates()
+        if e is None:
+            return
+        decay = self.decay
+        steps = [c.step for c in self.checkpoints]
+        d.estimate = e.to_json()
+        d.target_sig = self.target_sig
+        answer = est.spacing_for(
+            self.target_sig,
+            self.gatherer.model(),
+            lambda grid: kernels.classic_coefficients(grid, decay, "linear"),
+            est.classic_cumulative(decay, steps[-1]),
+            e.distance**2 + e.error**2,
+            largest=int(4 * max(b - a for a, b in zip(steps, steps[1:]))),
+        )
+        if answer is not None:
+            d.save_every, d.save_every_sig = answer
 
 
 class _Stats:
@@ -355,6 +392,19 @@ def describe_diagnosis(d: Diagnosis) -> list[str]:
             f"           {t.unchanged_share:.1%} of its values never changed (the FP32 EMA rounded to {t.dtype}: "
             f"{t.unchanged_share_fp32:.1%})"
         )
+    if d.estimate is not None and d.decay is not None:
+        lines.append(
+            f"estimate   sig ~{d.estimate['sig']:.2g} against the per-step EMA of decay {d.decay:g} with these "
+            "checkpoints (docs/estimate.md)"
+        )
+        for warning in d.estimate["warnings"]:  # type: ignore[attr-defined]
+            lines.append(f"           {warning}")
+        if d.save_every is not None and d.target_sig is not None:
+            beyond = " (more than this run's spacing: extrapolated)" if d.gaps and d.save_every > d.gaps[1] else ""
+            lines.append(
+                f"next run   to reach sig <= {d.target_sig:g} at decay {d.decay:g}, save a checkpoint every "
+                f"{d.save_every} steps{beyond} (predicted sig {d.save_every_sig:.2g}, from this run's statistics)"
+            )
     if d.command:
         halves = ", ".join(f"{h:.3g}" for h in d.recommended_half_lives)
         lines.append(

@@ -136,6 +136,12 @@ class EstimateGatherer:
             bias = sum(float(c) * v for c, v in zip(coefficients, x) if v is not None and c != 0.0)
             self.bias_sq[k] += float((np.asarray(bias) ** 2).sum())
 
+    def model(self) -> est.Variogram:
+        """The variogram of the series fitted to the gathered increments (after the pass)."""
+        steps = [c.step for c in self.plan.checkpoints]
+        s = self.stride
+        return est.fit_variogram(est.IncrementStats.from_products(steps, self.sq * s, self.cross1 * s, self.cross2 * s))
+
     def estimates(self) -> list[est.Estimate | None]:
         """Each output's estimate (None where ``reasons`` says why not), after the pass."""
         if all(r is not None for r in self.reasons):
@@ -145,8 +151,7 @@ class EstimateGatherer:
         if self._bad or not (np.isfinite(self.distance_sq).all() and np.isfinite(self.bias_sq).all()):
             self.reasons = [r or "the checkpoints hold NaN or Inf values" for r in self.reasons]
             return [None] * len(self.plan.outputs)
-        stats = est.IncrementStats.from_products(steps, self.sq * s, self.cross1 * s, self.cross2 * s)
-        model = est.fit_variogram(stats)
+        model = self.model()
         result: list[est.Estimate | None] = []
         for k, output in enumerate(self.plan.outputs):
             if self.reasons[k] is not None:
