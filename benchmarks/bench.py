@@ -186,7 +186,11 @@ def _options(targets: list[str]) -> dict[str, list[float]]:
 def engine_pass(series: Path, targets: list[str], kernel: str | None = None) -> float:
     """The engine alone, in this process: ckpt-ema's MergePass with the outputs discarded."""
     from ckpt_ema import plan_merge
-    from ckpt_ema.engine.merge_pass import MergePass
+
+    try:
+        from ckpt_ema.engine.merge_pass import MergePass
+    except ImportError:  # a checkout from before the package layout (--tree)
+        from ckpt_ema.engine import MergePass  # type: ignore[attr-defined, no-redef]
 
     plan = plan_merge([series], **_options(targets))
     start = time.perf_counter()
@@ -413,9 +417,17 @@ def main() -> None:
     parser.add_argument(
         "--dcp", default="4x512", metavar="COUNTxMB", help="the DCP series of the DCP table (default 4x512; 0: skip)"
     )
+    parser.add_argument(
+        "--tree", type=Path, help="measure the ckpt-ema of this checkout (e.g. an older commit) instead of this one"
+    )
     args = parser.parse_args()
+    global ROOT
+    ROOT = (args.tree or ROOT).resolve()
     sys.path.insert(0, str(ROOT))
-    from ckpt_ema.engine import fused
+    try:
+        from ckpt_ema.engine import fused
+    except ImportError:
+        from ckpt_ema import fused  # type: ignore[attr-defined, no-redef]
 
     size = args.count * args.size_mb << 20
     shm = Path("/dev/shm")
@@ -428,7 +440,7 @@ def main() -> None:
             print(f"generating {args.count} x {args.size_mb} MB BF16 checkpoints in {series} ...", file=sys.stderr)
             paths = make_series(series, args.count, args.size_mb << 20)
             info = {
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs; ckpt-ema from {ROOT}",
                 "python": platform.python_version(),
                 "numba": _version("numba") if fused.AVAILABLE else "not installed",
                 "dir": str(folder),
