@@ -234,6 +234,7 @@ def run_cli(args: list[str], concurrent: int = 1) -> tuple[float, int]:
         subprocess.Popen(
             [sys.executable, "-m", "ckpt_ema", *[a.replace("{i}", str(i)) for a in args]],
             env=env,
+            cwd=ROOT,  # python -m puts the working folder first on sys.path: make it the tree measured
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
