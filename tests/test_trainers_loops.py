@@ -171,3 +171,14 @@ def test_merge_says_where_the_steps_came_from(loop, accel, tmp_path):
     assert "steps 5 to 30 (6 inputs) from accelerate optimizer.bin 'step'" in said, said
     said = cli("merge", loop.root, "--every", 10, "--decay", BETA, "-o", tmp_path / "c.safetensors").stderr
     assert "from --every 10" in said, said
+
+
+def test_loop_with_hyphen_names_the_epoch_in_the_name_is_not_a_step(loop, tmp_path):
+    # checkpoint-{epoch}.pt looks like the Trainer's checkpoint-{step}; the file's own epoch says what it is
+    folder = tmp_path / "hyphen"
+    folder.mkdir()
+    for epoch, step in enumerate(loop.steps):
+        torch.save({"model": loop.states[step], "step": step, "epoch": epoch}, folder / f"checkpoint-{epoch}.pt")
+    plan = json.loads(cli("plan", folder, "--decay", BETA, "--json").stdout)
+    assert [c["step"] for c in plan["checkpoints"]] == loop.steps
+    assert all(c["step_source"] == "'step' in the file" for c in plan["checkpoints"])
