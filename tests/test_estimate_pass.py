@@ -217,3 +217,24 @@ def test_doctor_answers_the_spacing_for_a_wanted_sig_and_it_holds_on_the_run(ser
     assert sig_error(load_file(out), truth, states[-1]) <= 0.2
     text = cli("doctor", folder, "--init", init, "--decay", 0.99, "--target-sig", 0.1).stdout
     assert f"save a checkpoint every {every} steps" in text
+
+
+def test_window_and_lr_decay_estimates_against_per_step_truth(series, tmp_path):
+    # spec §8's per-step definitions, computed from the states: the mean over (T-L, T], and
+    # theta(T-L) + sum_t w_t (theta(t) - theta(t-1)) with w_t = f((t-1-(T-L))/L).
+    states, folder, init = series
+    result = cli("merge", folder, "--init", init, "--window", 200, "--lr-decay", "cosine:300", "-o", tmp_path, "--json")
+    floats = [k for k, v in states[0].items() if v.is_floating_point()]
+    x = np.stack([np.concatenate([s[k].double().reshape(-1).numpy() for k in floats]) for s in states])
+    window = x[STEPS - 200 + 1 :].mean(axis=0)
+    start = STEPS - 300
+    w = np.array([np.cos(np.pi * (t - 1 - start) / 300 / 2) ** 2 for t in range(start + 1, STEPS + 1)])
+    lr_decay = x[start] + (w[:, None] * np.diff(x[start:], axis=0)).sum(axis=0)
+    for entry, truth in zip(json.loads(result.stdout)["outputs"], (window, lr_decay)):
+        got = load_file(entry["path"])
+        merged = np.concatenate([got[k].double().reshape(-1).numpy() for k in floats])
+        true = np.linalg.norm(merged - truth) / np.linalg.norm(truth - x[-1])
+        assert true > 0.005
+        assert 0.5 <= entry["estimate"]["sig"] / true <= 2.0, (entry["name"], entry["estimate"]["sig"], true)
+    last = cli("merge", folder, "--last", 4, "-o", tmp_path / "l.safetensors", "--json")
+    assert "--last averages checkpoints" in json.loads(last.stdout)["outputs"][0]["estimate"]["reason"]

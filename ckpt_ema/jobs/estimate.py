@@ -18,7 +18,8 @@ from ckpt_ema.engine.merge_pass import MergePass, used_inputs
 from ckpt_ema.io.safetensors_format import to_float
 from ckpt_ema.math import ema as kernels
 from ckpt_ema.math import estimate as est
-from ckpt_ema.plan.model import Plan
+from ckpt_ema.math import windows
+from ckpt_ema.plan.model import OutputPlan, Plan
 
 SAMPLE_ELEMENTS = 1 << 22  # elements of every checkpoint the statistics look at (all of them below this)
 
@@ -29,24 +30,38 @@ def not_estimated(plan: Plan, method: str) -> str | None:
         return "--per-checkpoint: each checkpoint is one update, the result is the EMA itself"
     if any(c.tracked_gamma is not None for c in plan.checkpoints):
         return "a reconstruction from EMA snapshots: the snapshots do not determine the per-step updates (docs/estimate.md)"
-    if method not in ("classic", "power"):
+    if method == "last":
+        return "--last averages checkpoints, not steps: there is nothing between them to estimate"
+    if method not in ESTIMATED:
         return f"no error model for {method!r} outputs yet"
     if len(plan.checkpoints) < 3:
         return "fewer than three checkpoints: nothing to fit the model to"
     return None
 
 
-def _cumulative(plan: Plan, method: str, params: dict[str, float]) -> est.Cumulative:
-    if method == "classic":
-        return est.classic_cumulative(params["decay"], plan.target_step)
-    return est.power_cumulative(params["gamma"], plan.target_step)
+ESTIMATED = ("classic", "power", "window", "lr_decay")  # outputs with a per-step profile to compare with
 
 
-def _linear(plan: Plan, method: str, params: dict[str, float]) -> np.ndarray:
-    steps = [c.step for c in plan.checkpoints]
-    if method == "classic":
-        return kernels.classic_coefficients(steps, params["decay"], "linear")
-    return kernels.power_coefficients(steps, params["gamma"], "linear")
+def _cumulative(plan: Plan, output: OutputPlan) -> est.Cumulative:
+    p, total = output.params, plan.target_step
+    if output.method == "classic":
+        return est.classic_cumulative(p["decay"], total)
+    if output.method == "window":
+        return est.window_cumulative(p["length"], total)
+    if output.method == "lr_decay":
+        return est.lr_decay_cumulative(output.labels["shape"], p["length"], total)
+    return est.power_cumulative(p["gamma"], total)
+
+
+def _linear(plan: Plan, output: OutputPlan) -> np.ndarray:
+    steps, p = [c.step for c in plan.checkpoints], output.params
+    if output.method == "classic":
+        return kernels.classic_coefficients(steps, p["decay"], "linear")
+    if output.method == "window":
+        return windows.window_coefficients(steps, p["length"], "linear")
+    if output.method == "lr_decay":
+        return windows.lr_decay_coefficients(steps, output.labels["shape"], p["length"], "linear")
+    return kernels.power_coefficients(steps, p["gamma"], "linear")
 
 
 class EstimateGatherer:
@@ -84,7 +99,7 @@ class EstimateGatherer:
         matrix = plan.coefficient_matrix()
         # hold (or any non-linear) interpolation: the difference from the linear result is a known bias
         self.bias_rows = {
-            k: matrix[k] - _linear(plan, o.method, o.params)
+            k: matrix[k] - _linear(plan, o)
             for k, o in enumerate(plan.outputs)
             if self.reasons[k] is None and plan.interp != "linear"
         }
@@ -157,7 +172,7 @@ class EstimateGatherer:
             if self.reasons[k] is not None:
                 result.append(None)
                 continue
-            cumulative = _cumulative(self.plan, output.method, output.params)
+            cumulative = _cumulative(self.plan, output)
             e = est.estimate(
                 steps, output.coefficients, cumulative, model, self.distance_sq[k] * s, self.bias_sq[k] * s
             )

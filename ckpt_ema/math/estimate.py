@@ -50,6 +50,30 @@ def power_cumulative(gamma: float, total: int) -> Cumulative:
     return lambda u: (np.maximum(np.asarray(u, dtype=np.float64), 0.0) / total) ** (gamma + 1.0)
 
 
+def window_cumulative(length: float, total: int) -> Cumulative:
+    """``--window L`` (spec §8): the mean of the weights over steps ``(T - L, T]``, ``Phi(u) = (u - T + L) / L``."""
+    start = total - length
+    return lambda u: np.clip((np.asarray(u, dtype=np.float64) - start) / length, 0.0, 1.0)
+
+
+def lr_decay_cumulative(shape: str, length: float, total: int) -> Cumulative:
+    """``--lr-decay SHAPE:L`` (spec §8): step ``s`` weighs ``w_s - w_{s+1}``, so ``Phi(u) = 1 - w_{u+1}`` with
+    ``w_t = f((t - 1 - (T - L)) / L)`` on ``(T - L, T]``, 1 before and 0 after."""
+    shapes = {
+        "linear": lambda x: 1.0 - x,
+        "cosine": lambda x: np.cos(np.pi * x / 2.0) ** 2,
+        "sqrt": lambda x: 1.0 - np.sqrt(x),
+    }
+    f = shapes[shape]
+    start = total - length
+
+    def cumulative(u: np.ndarray) -> np.ndarray:
+        x = np.clip((np.asarray(u, dtype=np.float64) - start) / length, 0.0, 1.0)
+        return np.where(np.asarray(u) >= total, 1.0, 1.0 - f(x))
+
+    return cumulative
+
+
 @dataclass(frozen=True)
 class IncrementStats:
     """Squared norms of the differences between checkpoints, summed over every float element.
