@@ -100,10 +100,10 @@ CASES = [
 @pytest.mark.parametrize("name, header, data, header_len, expected", CASES, ids=[c[0] for c in CASES])
 def test_hostile_header_is_refused_with_a_clear_one_line_error(tmp_path, name, header, data, header_len, expected):
     path = raw_file(tmp_path / "bad.safetensors", header, data, header_len)
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a loaded machine stretches the wall clock, not the work
     with pytest.raises(InputError) as info:
         read_header(path)
-    assert time.perf_counter() - start < 2.0
+    assert time.process_time() - start < 2.0
     message = str(info.value)
     assert message.startswith(f"{path}: ") and expected in message
     assert "\n" not in message and len(message) < 400
@@ -128,20 +128,20 @@ def test_fifo_is_refused_without_blocking(tmp_path):
 def test_too_many_tensors_are_refused_before_parsing(tmp_path):
     item = b'"t":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},'
     path = raw_file(tmp_path / "many.safetensors", b"{" + item * (MAX_TENSORS + 1) + b'"u":1}')
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time, as above
     with pytest.raises(InputError, match=f"lists {MAX_TENSORS + 1} tensors, more than the {MAX_TENSORS}"):
         read_header(path)
-    assert time.perf_counter() - start < 2.0
+    assert time.process_time() - start < 2.0
 
 
 def test_many_tensors_parse_in_bounded_time(tmp_path):
     n = 100_000  # about 6 MB of header, far more tensors than any real file
     header = {f"t{i}": entry(dtype="U8", shape=(1,), offsets=(i, i + 1)) for i in range(n)}
     path = raw_file(tmp_path / "many.safetensors", header, bytes(n))
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a loaded machine stretches the wall clock, not the work
     parsed = read_header(path)
     assert len(parsed.tensors) == n
-    assert time.perf_counter() - start < 10.0
+    assert time.process_time() - start < 10.0
 
 
 def test_agrees_with_the_safetensors_package_on_a_real_file(tmp_path):
