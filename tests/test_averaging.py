@@ -272,3 +272,19 @@ def test_tokens_per_step_from_a_real_transformers_trainer(tmp_path, monkeypatch)
     half_life = next(o for o in plan["outputs"] if o["name"] == "half_life-32tokens")
     assert half_life["target"]["decay"] == pytest.approx(0.5**0.5, rel=1e-15)  # half-life 32 tokens = 2 steps
     assert half_life["equivalents"]["half_life_tokens"] == pytest.approx(32.0, rel=1e-14)
+
+
+def test_every_and_first_in_tokens(states, tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for i, step in enumerate((40, 80, 120)):  # names without steps: --every gives them
+        save_file({k: v.contiguous() for k, v in states[step].items()}, str(folder / f"ckpt-{i}.safetensors"))
+    plan = json.loads(run("plan", folder, "--every", "80ktok", "--first", "80k tokens", "--tokens-per-step", "2k",
+                          "--window", 40, "--json").stdout)  # fmt: skip
+    assert [c["step"] for c in plan["checkpoints"]] == [40, 80, 120]
+    result = invoke("plan", folder, "--every", "81ktok", "--tokens-per-step", "2k", "--window", 40)
+    assert (
+        result.exit_code == 1 and "--every 81ktok: is 40.5 steps; it must be a whole number of steps" in result.output
+    )
+    result = invoke("plan", folder, "--every", "80ktok", "--window", 40)
+    assert result.exit_code == 1 and "--every 80ktok: the tokens per optimizer step are unknown" in result.output

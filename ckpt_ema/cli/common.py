@@ -18,6 +18,7 @@ from ckpt_ema.math.ema import INTERPOLATIONS
 from ckpt_ema.plan.kinds import OPTIONS as TARGET_OPTIONS
 from ckpt_ema.plan.model import OUTPUT_DTYPES, Plan
 from ckpt_ema.report.escape import printable, printable_lines
+from ckpt_ema.series.lengths import check_per_step, whole_steps_of
 
 
 class StepList(click.ParamType):
@@ -130,13 +131,11 @@ def series_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--steps", type=StepList(), help="Steps of the inputs, in the order given (overrides detection)."),
         click.option(
             "--every",
-            type=click.IntRange(min=1),
             metavar="N",
-            help="The inputs are N steps apart, in name order, the first at step N (overrides detection).",
+            help="The inputs are N steps apart, in name order, the first at step N (overrides detection); "
+            "also in tokens or samples (2Mtokens, with --tokens-per-step).",
         ),
-        click.option(
-            "--first", type=click.IntRange(min=0), metavar="STEP", help="With --every: the step of the first input."
-        ),
+        click.option("--first", metavar="STEP", help="With --every: the step of the first input (or tokens, samples)."),
         click.option("--per-checkpoint", is_flag=True, help="Each checkpoint is one EMA update (ignores step counts)."),
         click.option(
             "--init",
@@ -199,9 +198,15 @@ def plan_options(options: dict[str, Any]) -> dict[str, Any]:
         raise click.UsageError("--steps and --every both give the steps; pass one of them")
     if options.get("first") is not None and options.get("every") is None:
         raise click.UsageError("--first needs --every (the spacing of the checkpoints in steps)")
+    tokens = check_per_step("--tokens-per-step", options.get("tokens_per_step"))
+    samples = check_per_step("--samples-per-step", options.get("samples_per_step"))
+    every = whole_steps_of("--every", options.get("every"), tokens, samples)
+    first = whole_steps_of("--first", options.get("first"), tokens, samples)
+    if every is not None and every < 1:
+        raise click.BadParameter(f"{options['every']}: the spacing must be at least 1 step", param_hint="--every")
     return {
-        "every": options.get("every"),
-        "first": options.get("first"),
+        "every": every,
+        "first": first,
         **target_values(options),
         "at": options["at"],
         "tokens_per_step": options["tokens_per_step"],

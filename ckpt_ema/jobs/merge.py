@@ -44,7 +44,7 @@ from ckpt_ema.plan.model import Plan
 from ckpt_ema.plan.posthoc import plan_posthoc
 from ckpt_ema.plan.targets import in_steps, parse_targets
 from ckpt_ema.series.discover import discover_inputs
-from ckpt_ema.series.lengths import StepSize, check_per_step, parse_length, step_size_from_record
+from ckpt_ema.series.lengths import StepSize, check_per_step, parse_length, step_size_from_record, whole_steps_of
 from ckpt_ema.series.load import load_series
 
 if TYPE_CHECKING:
@@ -63,8 +63,8 @@ def plan_merge(
     gamma: Numbers = (),
     at: int | str | None = None,
     steps: Sequence[int] | None = None,
-    every: int | None = None,
-    first: int | None = None,
+    every: int | str | None = None,
+    first: int | str | None = None,
     init: str | os.PathLike | None = None,
     interp: str = "linear",
     per_checkpoint: bool = False,
@@ -87,7 +87,8 @@ def plan_merge(
             Later checkpoints are ignored.
         steps: explicit steps, one per input file in the order given.
         every, first: the inputs are ``every`` steps apart in name order, the first at ``first`` (default
-            ``every``): the short way to give ``steps``.
+            ``every``): the short way to give ``steps``; also in tokens or samples (``"2Mtokens"``), which must
+            make whole steps at ``tokens_per_step``/``samples_per_step``.
         init: the weights at step 0, e.g. the base model a fine-tune started from.
         interp: ``"linear"`` or ``"hold"``: how the weights move between checkpoints.
         per_checkpoint: each checkpoint is one EMA update (musubi-tuner style), steps ignored.
@@ -106,6 +107,7 @@ def plan_merge(
     targets = parse_targets(decay=decay, half_life=half_life, sigma_rel=sigma_rel, gamma=gamma, **other_targets)
     tokens = check_per_step("--tokens-per-step", tokens_per_step)
     samples = check_per_step("--samples-per-step", samples_per_step)
+    every, first = whole_steps_of("--every", every, tokens, samples), whole_steps_of("--first", first, tokens, samples)
     if tracked_sigma_rel or tracked_gamma:
         if every is not None or first is not None:
             raise TargetError("--every does not apply to EMA snapshots (several profiles per step); use --steps")

@@ -132,6 +132,24 @@ def check_per_step(option: str, value: float | str | None) -> float | None:
     return amount
 
 
+def whole_steps_of(
+    option: str, value: int | str | None, tokens_per_step: float | None = None, samples_per_step: float | None = None
+) -> int | None:
+    """``--every``/``--first``: a whole number of steps (``500``, ``10k``) or a length in tokens/samples that is
+    one (``2Mtokens`` with 4096 tokens per step is 488.28 steps: refused, the steps must be exact)."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    size = StepSize(tokens_per_step, samples_per_step) if tokens_per_step or samples_per_step else None
+    length = parse_length(option, text)
+    steps = length.steps(size, option)
+    if abs(steps - round(steps)) > 1e-9 * max(1.0, steps):
+        raise TargetError(f"{option} {text}: is {steps:.6g} steps; it must be a whole number of steps")
+    return round(steps)
+
+
 class _Recorded(Protocol):
     @property
     def path(self) -> Path: ...
