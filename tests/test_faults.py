@@ -68,7 +68,7 @@ def one_error_line(result: CliRunner.Result) -> str:
 # kill -9 at random moments: the output is absent or a complete, valid file; stale temporaries are cleaned
 
 FORK_SERVER = r"""
-import json, os, sys
+import json, os, signal, sys
 from ckpt_ema.cli import main
 MARK = ".ckpt-ema-tmp-"
 
@@ -128,6 +128,9 @@ for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()
     if pid == 0:
+        # Ctrl-C reaches the run as in a terminal, even when the test runner was started with SIGINT ignored
+        # (a background job of a non-interactive shell): otherwise the SIGINT test would wait for good.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         null = os.open(os.devnull, os.O_WRONLY)
         os.dup2(null, 1)
         os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC) if request["stderr"] else null, 2)
@@ -180,7 +183,10 @@ class ForkServer:
         assert readable, "the run neither reached its moment nor finished"
         return False
 
-    def wait(self) -> int:
+    def wait(self, timeout: float = 600.0) -> int:
+        """The run's wait status; a run still going after ``timeout`` seconds (a hang guard) fails the test."""
+        readable, _, _ = select.select([self.process.stdout], [], [], timeout)
+        assert readable, "the run did not finish"
         return int(self.process.stdout.readline())
 
     def close(self) -> None:
