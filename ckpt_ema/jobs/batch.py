@@ -1,7 +1,7 @@
 """Re-average many old runs: each run folder is a series, its outputs go to ``OUT_ROOT/<run name>/``.
 
-A run is planned from its headers (``api.plan_merge``), reduced to the outputs not written yet, and written
-by one ``api.MergeJob`` pass. A run that fails (corrupt file, no steps, ...) is recorded with its reason and
+A run is planned from its headers (``jobs.merge.plan_merge``), reduced to the outputs not written yet, and written
+by one ``jobs.merge.MergeJob`` pass. A run that fails (corrupt file, no steps, ...) is recorded with its reason and
 does not stop the others. Outputs are written atomically, so an existing one is complete and is skipped
 unless ``force``: an interrupted batch can simply be run again.
 """

@@ -1,6 +1,6 @@
 """A sweep: many EMA candidates written in one pass, each scored by the user's own evaluation command.
 
-The candidates are the outputs of one plan (``api.plan_merge``) written by one ``api.MergeJob``; this module
+The candidates are the outputs of one plan (``jobs.merge.plan_merge``) written by one ``jobs.merge.MergeJob``; this module
 only adds what comes after: running the evaluation, picking the best, and the ``sweep.json`` record.
 """
 
