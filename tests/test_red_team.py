@@ -449,6 +449,10 @@ runpy.run_module("ckpt_ema", run_name="__main__", alter_sys=True)
 """
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Child:
     """``ckpt-ema ARGS`` in a subprocess that stops at ``moment`` and says so, until released or signalled."""
 
@@ -464,6 +468,9 @@ class Child:
             [sys.executable, "-c", CHILD, *map(str, args)],
             pass_fds=(ready_w, hold_r),
             env=environment,
+            # Ctrl-C's default disposition, as in a terminal, even when the test runner was started with
+            # SIGINT ignored (a background job of a non-interactive shell), which the child would inherit
+            preexec_fn=_default_sigint,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
