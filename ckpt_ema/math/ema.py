@@ -67,8 +67,8 @@ def classic_coefficients(steps: Sequence[int], decay: float, interp: str = "line
     The EMA starts at the first checkpoint, ``ema(s_0) = theta(s_0)`` (spec §2), so ``theta(s_0)`` keeps
     ``beta**(T - s_0)`` and step ``t`` in ``(s_0, T]`` weighs ``(1 - beta) * beta**(T - t)``.
     """
-    s = _check_steps(steps)
-    _check_interp(interp)
+    s = check_steps(steps)
+    check_interp(interp)
     if not 0.0 < decay < 1.0:
         raise ValueError(f"decay must be in (0, 1), got {decay}")
     rate = -math.log(decay)  # lambda: beta = exp(-lambda)
@@ -100,8 +100,8 @@ def power_coefficients(steps: Sequence[int], gamma: float, interp: str = "linear
     ``F(u) = (u / T)**(gamma + 1)`` and the weights at step 0 get nothing. Steps before the first
     checkpoint are taken to hold its value (pass the step-0 weights as the first checkpoint to avoid that).
     """
-    s = _check_steps(steps)
-    _check_interp(interp)
+    s = check_steps(steps)
+    check_interp(interp)
     if not gamma > 0.0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
     exponent = gamma + 1.0
@@ -144,7 +144,8 @@ def per_checkpoint_power_coefficients(count: int, gamma: float) -> np.ndarray:
     return power_coefficients(list(range(count + 1)), gamma, interp="hold")[1:]
 
 
-def _check_steps(steps: Sequence[int]) -> list[int]:
+def check_steps(steps: Sequence[int]) -> list[int]:
+    """The steps as ints, checked: at least one, non-negative, strictly increasing."""
     s = [int(x) for x in steps]
     if not s:
         raise ValueError("need at least one checkpoint")
@@ -153,7 +154,8 @@ def _check_steps(steps: Sequence[int]) -> list[int]:
     return s
 
 
-def _check_interp(interp: str) -> None:
+def check_interp(interp: str) -> None:
+    """``interp`` is one of INTERPOLATIONS."""
     if interp not in INTERPOLATIONS:
         raise ValueError(f"interp must be one of {INTERPOLATIONS}, got {interp!r}")
 

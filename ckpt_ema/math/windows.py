@@ -23,7 +23,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-INTERPOLATIONS = ("linear", "hold")
+from ckpt_ema.math.ema import check_interp, check_steps
+
 SHAPES = ("linear", "cosine", "sqrt")
 
 # Bernoulli numbers B_2, B_4, ..., B_12 for the Euler-Maclaurin sum of sqrt(k).
@@ -62,8 +63,8 @@ def window_coefficients(steps: Sequence[int], length: float, interp: str = "line
     The window may start inside a gap; it may not start before the first checkpoint (``T - L + 1 >= s_0``).
     With a checkpoint at every step it is the plain per-step mean.
     """
-    s = _check_steps(steps)
-    _check_interp(interp)
+    s = check_steps(steps)
+    check_interp(interp)
     length = _check_length(s, length, "window")
     total = s[-1]
     start = total - length  # the window is (start, T]
@@ -94,8 +95,8 @@ def lr_decay_coefficients(steps: Sequence[int], shape: str, length: float, inter
     with ``w_t = f((t - 1 - (T - L)) / L)`` and ``c_t = w_t - w_{t+1}`` (``w_{T+1} = 0``; ``f(0) = 1`` makes
     ``c_{T-L} = 0``). Between checkpoints ``theta(t)`` follows ``interp``; ``linear`` decay equals the window.
     """
-    s = _check_steps(steps)
-    _check_interp(interp)
+    s = check_steps(steps)
+    check_interp(interp)
     _check_shape(shape)
     length = _check_length(s, length, "lr-decay")
     total = s[-1]
@@ -171,20 +172,6 @@ _weight_sums: dict[str, Callable[[int, int, int], float]] = {
     "cosine": _cosine_sum,
     "sqrt": _sqrt_weight_sum,
 }
-
-
-def _check_steps(steps: Sequence[int]) -> list[int]:
-    s = [int(x) for x in steps]
-    if not s:
-        raise ValueError("need at least one checkpoint")
-    if s[0] < 0 or any(b <= a for a, b in zip(s, s[1:])):
-        raise ValueError(f"steps must be non-negative and strictly increasing, got {s}")
-    return s
-
-
-def _check_interp(interp: str) -> None:
-    if interp not in INTERPOLATIONS:
-        raise ValueError(f"interp must be one of {INTERPOLATIONS}, got {interp!r}")
 
 
 def _check_shape(shape: str) -> None:
