@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ckpt_ema.errors import OutputError
-from ckpt_ema.output.writer import TEMP_MARKER, WriteOptions, remove_stale_temps, write_json_atomic
+from ckpt_ema.output.writer import TEMP_MARKER, WriteOptions, remove_stale_temps, replace_folder, write_json_atomic
 from ckpt_ema.plan.model import TensorPlan
 
 if TYPE_CHECKING:
@@ -356,18 +356,7 @@ class DcpWriter:
                 verify_data_file(self._data, self._data.digest.digest())
             write_provenance(self.temp, self._metadata, self._options)
             write_metadata(self.temp, self._data.stored, self.path, self._options.mode)
-            old = None
-            if self.path.exists():
-                old = self.path.parent / f".{self.path.name}.ckpt-ema-old-{os.getpid()}"
-                os.replace(self.path, old)
-            try:
-                os.replace(self.temp, self.path)
-            except OSError:
-                if old is not None:
-                    os.replace(old, self.path)  # put the previous output back
-                raise
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_folder(self.temp, self.path)
         except OSError as exc:
             self.abort()
             raise OutputError(f"{self.path}: cannot finish writing ({exc.strerror or exc})") from None

@@ -35,6 +35,7 @@ from ckpt_ema.output.writer import (
     SafetensorsWriter,
     WriteOptions,
     remove_stale_temps,
+    replace_folder,
     temp_path_for,
 )
 from ckpt_ema.plan.model import OutputPlan, Plan, TensorPlan
@@ -258,20 +259,7 @@ class FolderWriter:
                 writer.commit()
             for index_path, body in self._indexes:
                 _write_new(index_path, (json.dumps(body, indent=2) + "\n").encode("utf-8"), self._options.mode)
-            old = None
-            if self.path.exists():
-                old = self.path.parent / f".{self.path.name}.ckpt-ema-old-{os.getpid()}"
-                os.replace(self.path, old)
-            try:
-                os.replace(self.temp, self.path)
-            except BaseException:  # a failed rename, or a signal between the two: the previous output goes back
-                if old is not None and not self.path.exists():
-                    os.replace(old, self.path)
-                raise
-            if old is not None and old.is_symlink():  # --force over a link: the link goes, never its target
-                old.unlink()
-            elif old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            replace_folder(self.temp, self.path)
         except OSError as exc:
             self.abort()
             raise OutputError(f"{self.path}: cannot finish writing ({exc.strerror or exc})") from None

@@ -85,6 +85,26 @@ def write_json_atomic(path: Path, data: object, mode: int = 0o644) -> None:
     os.replace(temp, path)
 
 
+def replace_folder(temp: Path, path: Path) -> None:
+    """Rename the finished folder ``temp`` to ``path``, replacing what is there: the previous output is moved
+    aside first and put back if the rename fails or a signal lands in between; a link at ``path`` goes, never
+    its target."""
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.ckpt-ema-old-{os.getpid()}"
+        os.replace(path, old)
+    try:
+        os.replace(temp, path)
+    except BaseException:  # a failed rename, or a signal between the two: the previous output goes back
+        if old is not None and not path.exists():
+            os.replace(old, path)
+        raise
+    if old is not None and old.is_symlink():
+        old.unlink()
+    elif old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def temp_path_for(path: Path) -> Path:
     """The temporary file a run writes before renaming it to ``path``."""
     return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
