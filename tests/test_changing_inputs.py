@@ -52,15 +52,23 @@ main(sys.argv[3:], prog_name="ckpt-ema")
 """
 
 
-@pytest.fixture
-def series(tmp_path: Path) -> list[Path]:
+@pytest.fixture(params=["safetensors", "torch"])
+def series(tmp_path: Path, request: pytest.FixtureRequest) -> list[Path]:
+    """Three checkpoints of 48 MB: safetensors files, or torch.save pickles (read by byte range too)."""
     rng = np.random.default_rng(0)
     paths = []
     for step in STEPS:
         state = {f"layer.{i:02d}.weight": rng.standard_normal(ELEMENTS, dtype=np.float32) for i in range(TENSORS)}
-        path = tmp_path / "run" / f"step-{step:06d}.safetensors"
-        path.parent.mkdir(exist_ok=True)
-        save_file(state, str(path), metadata={"step": str(step)})
+        if request.param == "torch":
+            import torch
+
+            path = tmp_path / "run" / f"step-{step:06d}.pt"
+            path.parent.mkdir(exist_ok=True)
+            torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in state.items()}, "global_step": step}, path)
+        else:
+            path = tmp_path / "run" / f"step-{step:06d}.safetensors"
+            path.parent.mkdir(exist_ok=True)
+            save_file(state, str(path), metadata={"step": str(step)})
         paths.append(path)
     return paths
 

@@ -1,9 +1,12 @@
 """PyTorch pickles (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), read safely and lazily.
 
 Only ``torch.load(weights_only=True, mmap=True)`` is ever used: the restricted unpickler rebuilds
-tensors, numbers, strings and containers and refuses anything that would run code from the file; the
-tensor data stays in a memory map and is paged in only when the engine reads it. There is no option
-that loads arbitrary pickles: such a file must be converted once, by the user, where they trust it.
+tensors, numbers, strings and containers and refuses anything that would run code from the file. The
+plan loads the file onto the ``meta`` device (no data is read): each storage then records where its bytes
+lie in the zip (``_checkpoint_offset``; torch stores them uncompressed), so a contiguous tensor is read by
+byte range with ``pread``, as a safetensors tensor is (a file truncated during the merge is then an error,
+not SIGBUS). Only a tensor stored strided is read through a memory map. There is no option that loads
+arbitrary pickles: such a file must be converted once, by the user, where they trust it.
 
 The state dict is looked for under the usual nestings (Lightning and kohya ``state_dict``, ``model``,
 ``module``, EMA copies); ``--key`` picks another, and the choice is reported.
@@ -26,7 +29,7 @@ import numpy as np
 from ckpt_ema.errors import InputError
 from ckpt_ema.io.identity import identity
 from ckpt_ema.io.legacy_pickle import code_globals
-from ckpt_ema.io.safetensors_format import check_utf8
+from ckpt_ema.io.safetensors_format import DTYPES, TensorInfo, check_utf8
 from ckpt_ema.io.source import CheckpointSource, Part, TensorInfoLike, TensorMeta, WeightFile
 
 # torch is imported only when a torch file is read (it takes about a second): see load_pickle.
@@ -60,13 +63,16 @@ def _convert_hint(path: Path) -> str:
     )
 
 
-def load_pickle(path: Path) -> object:
-    """``torch.load`` with ``weights_only=True, mmap=True``; refusal messages say why and what to do."""
+def load_pickle(path: Path, meta: bool = False) -> object:
+    """``torch.load`` with ``weights_only=True, mmap=True``; refusal messages say why and what to do.
+
+    ``meta``: tensors on the ``meta`` device (shapes, dtypes and file offsets, no data read).
+    """
     import torch
 
     try:
         with torch.serialization.safe_globals(list(SAFE_CLASSES)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="meta" if meta else "cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
         why = f"it needs {found.group(1)}" if found else "it holds more than tensors"
@@ -102,6 +108,18 @@ def _legacy_refusal(path: Path) -> InputError:
         "memory-mapped); convert it once, loading it safely: torch.save(torch.load(PATH, weights_only=True), NEW) "
         "with a current torch, or save it as safetensors"
     )
+
+
+def _holds_tensor(value: object, depth: int = 0) -> bool:
+    if is_tensor(value):
+        return True
+    if depth > 20:
+        return False
+    if isinstance(value, Mapping):
+        return any(_holds_tensor(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensor(v, depth + 1) for v in value)
+    return False
 
 
 def _tensor_count(value: object) -> int:
@@ -163,12 +181,30 @@ class LoadInfo:
     top: object  # the whole loaded object (for the trainer's records: global_step, epoch, ...)
 
 
+def byte_range(path: Path, name: str, tensor: Any, dtype: str, file_size: int) -> TensorInfo | None:
+    """Where a tensor loaded onto ``meta`` lies in its file, when it is one contiguous run of bytes, else None."""
+    start = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
+    if not isinstance(start, int) or not tensor.is_contiguous() or sys.byteorder != "little":
+        return None
+    itemsize = DTYPES[dtype][1]
+    begin = start + int(tensor.storage_offset()) * itemsize
+    end = begin + tensor.numel() * itemsize
+    if end > start + tensor.untyped_storage().nbytes():
+        return None
+    if end > file_size:
+        raise InputError(f"{path}: tensor {name!r} lies beyond the end of the file; the file is truncated")
+    return TensorInfo(dtype, tuple(tensor.shape), begin, end)
+
+
 def torch_weight_file(path: Path, relpath: str, key: str | None = None) -> tuple[WeightFile, LoadInfo]:
-    """A weight file for a torch pickle, plus what was learnt while loading it (``info``)."""
+    """A weight file for a torch pickle, plus what was learnt while loading it (``info``).
+
+    Contiguous tensors get their byte ranges (read with ``pread``); strided ones are read through ``open``.
+    """
     from ckpt_ema.io.torch_edge import dtype_name
 
     planned = identity(path)
-    loaded = load_pickle(path)
+    loaded = load_pickle(path, meta=True)
     chosen, state, others = find_state_dict(path, loaded, key)
     tensors: dict[str, TensorInfoLike] = {}
     skipped = []
@@ -179,7 +215,8 @@ def torch_weight_file(path: Path, relpath: str, key: str | None = None) -> tuple
         dtype = dtype_name(value.dtype)
         if dtype is None:
             raise InputError(f"{path}: tensor {name!r} has dtype {value.dtype}, which ckpt-ema does not handle")
-        tensors[str(name)] = TensorMeta(dtype, tuple(value.shape))
+        located = byte_range(path, str(name), value, dtype, planned.size)
+        tensors[str(name)] = located if located is not None else TensorMeta(dtype, tuple(value.shape))
     check_utf8(path, tensors, "tensor name")
     info = LoadInfo(chosen, list(others), skipped, loaded)
 
@@ -222,5 +259,8 @@ def open_torch_file(path: Path, key: str | None = None) -> CheckpointSource:
                 source.epoch_numbered = f"the file records epoch {epoch}"
         if lightning:
             source.format = f"Lightning checkpoint {top['pytorch-lightning_version']}, key {info.key!r}"
-            source.lightning = {k: v for k, v in top.items() if k in LIGHTNING_KEYS}
+            # kept for a .ckpt output: from a real (memory-mapped) load, since hyper_parameters may hold tensors
+            real = load_pickle(path) if any(_holds_tensor(top.get(k)) for k in LIGHTNING_KEYS) else top
+            assert isinstance(real, Mapping)
+            source.lightning = {k: v for k, v in real.items() if k in LIGHTNING_KEYS}
     return source
