@@ -149,6 +149,35 @@ def test_a_symlink_out_of_the_checkpoint_is_never_copied(tmp_path, attack):
     assert not out.exists() and temps(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "attack", [_link_config_out, _link_folder_in_tokenizer, _link_tokenizer_folder], ids=["file", "inner", "folder"]
+)
+def test_inspect_flags_a_symlink_out_of_the_checkpoint(tmp_path, attack):
+    """inspect reads headers only, but says which of the newest checkpoint's files a folder output refuses."""
+    run_dir = make_hf_series(tmp_path / "run", extra=attack(tmp_path, b"secret"))
+    result = run("inspect", run_dir)
+    assert result.exit_code == 1, result.output
+    refused = [line for line in result.output.splitlines() if line.startswith("  refused ")]
+    assert len(refused) == 1 and "symbolic link" in refused[0] and str(tmp_path / "private") in refused[0], refused
+    assert str(run_dir / f"checkpoint-{STEPS[-1]}") in refused[0]
+    assert "--format safetensors" in result.output.splitlines()[-1]
+    as_json = json.loads(run("inspect", run_dir, "--json").output)
+    assert [len(c["refused"]) for c in as_json["checkpoints"]] == [0] * (len(STEPS) - 1) + [1]
+    assert not as_json["series"]["ok"]
+    # what the verdict suggests works, and copies nothing
+    out = tmp_path / "ema.safetensors"
+    assert run("merge", run_dir, *TARGET, "--format", "safetensors", "-o", out).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.safetensors", "private", "run"]
+
+
+def test_inspect_is_quiet_about_links_that_stay_inside(tmp_path):
+    def extra(folder: Path, step: int) -> None:
+        (folder / "tokenizer_config.json").symlink_to("config.json")
+
+    result = run("inspect", make_hf_series(tmp_path / "run", extra=extra))
+    assert result.exit_code == 0 and "refused" not in result.output, result.output
+
+
 def test_a_symlink_inside_the_checkpoint_is_copied_as_the_file_it_names(tmp_path):
     def extra(folder: Path, step: int) -> None:
         (folder / "tokenizer").mkdir()

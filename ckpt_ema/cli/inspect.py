@@ -23,6 +23,7 @@ from ckpt_ema.cli.common import (
 )
 from ckpt_ema.errors import CkptEmaError
 from ckpt_ema.io import CheckpointSource, FileNote, is_lora_alpha, open_checkpoint
+from ckpt_ema.io.links import copy_problems
 from ckpt_ema.math.reconstruct import tracked_gammas
 from ckpt_ema.series.discover import discover_inputs
 from ckpt_ema.series.load import Checkpoint, checkpoint_step, load_series
@@ -54,6 +55,7 @@ def describe_source(source: CheckpointSource, info: StepInfo | None = None) -> d
         "components": [p.name for p in source.parts if p.name],
         "ignored": [{"path": n.relpath, "reason": n.reason} for n in source.ignored],
         "copied": list(source.copied),
+        "refused": copy_problems(source.path, source.copied) if source.is_folder else [],
         "notes": list(source.notes),
         "session": source.metadata.get("ss_session_id"),
     }
@@ -87,8 +89,8 @@ def _text(entry: dict[str, Any], previous: dict[str, Any] | None = None) -> list
         lines.append(f"  session     ss_session_id {entry['session']}")
     for note in entry["notes"]:
         lines.append(f"  note        {note}")
-    same = previous is not None and all(previous.get(k) == entry[k] for k in ("ignored", "copied"))
-    if same and (entry["ignored"] or entry["copied"]):
+    same = previous is not None and all(previous.get(k) == entry[k] for k in ("ignored", "copied", "refused"))
+    if same and (entry["ignored"] or entry["copied"]) and not entry["refused"]:
         counts = f"{len(entry['ignored'])} ignored, {len(entry['copied'])} copied"
         lines.append(f"  files       as above ({counts})")
         return lines
@@ -96,6 +98,8 @@ def _text(entry: dict[str, Any], previous: dict[str, Any] | None = None) -> list
         lines.append(f"  ignored     {item['path']}: {item['reason']}")
     if entry["copied"]:
         lines.append(f"  copied      {', '.join(entry['copied'])}  (into a folder output, from the newest)")
+    for problem in entry["refused"]:
+        lines.append(f"  refused     {problem}")
     return lines
 
 
@@ -128,6 +132,12 @@ def inspect_command(**options: Any) -> None:
         ok = True
         snapshots = "snapshots" if kwargs["tracked_sigma_rel"] or kwargs["tracked_gamma"] else "checkpoints"
         verdict = f"ok: {len(series)} {snapshots}, steps {series[0].step} to {series[-1].step}, same tensors"
+        if entries[-1]["refused"]:  # only the newest checkpoint's files are copied
+            ok = False
+            verdict = (
+                "problem: a folder output copies the newest checkpoint's files, and some are refused (see above); "
+                "fix them, or merge with --format safetensors"
+            )
     except CkptEmaError as exc:
         entries = _each_alone(paths, kwargs)
         unreadable = sum("unreadable" in e for e in entries)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from ckpt_ema.errors import InputError
@@ -59,3 +60,44 @@ def kind_of(mode: int) -> str:
     if stat.S_ISDIR(mode):
         return "a folder"
     return "not a regular file"
+
+
+def walk_copy(root: Path, origin: Path, visiting: frozenset[Path] = frozenset()) -> Iterator[tuple[Path, Path | None]]:
+    """What copying ``origin`` (a file or folder of the checkpoint ``root``) reads, in order.
+
+    Yields ``(path relative to origin, real file)`` for each file and ``(relative folder, None)`` before a
+    folder's contents; links are followed only inside the checkpoint (:func:`inside`).
+
+    Raises:
+        InputError: a link leaving the checkpoint or naming nothing, a loop of links, a FIFO or device.
+    """
+    real = inside(root, origin)
+    try:
+        info = os.stat(real)
+    except FileNotFoundError:
+        raise InputError(f"{origin}: is a symbolic link to {real}, which does not exist") from None
+    if stat.S_ISDIR(info.st_mode):
+        if real in visiting:
+            raise InputError(f"{origin}: symbolic links in {root} form a loop")
+        yield Path(), None
+        for name in sorted(os.listdir(real)):
+            for relative, file in walk_copy(root, origin / name, visiting | {real}):
+                yield Path(name) / relative, file
+    elif stat.S_ISREG(info.st_mode):
+        yield Path(), real
+    else:
+        raise InputError(f"{origin}: is {kind_of(info.st_mode)}, not a file to copy; remove it from the checkpoint")
+
+
+def copy_problems(root: Path, relpaths: list[str]) -> list[str]:
+    """Why copying each of ``relpaths`` (files and folders of ``root``) would be refused: one message each."""
+    problems = []
+    for relpath in relpaths:
+        try:
+            for _ in walk_copy(root, root / relpath.rstrip("/")):
+                pass
+        except InputError as exc:
+            problems.append(str(exc))
+        except OSError as exc:
+            problems.append(f"{root / relpath}: cannot read ({exc.strerror or exc})")
+    return problems

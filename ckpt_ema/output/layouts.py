@@ -25,7 +25,7 @@ import numpy as np
 
 from ckpt_ema.errors import InputError, OutputError
 from ckpt_ema.io import CheckpointSource
-from ckpt_ema.io.links import inside, kind_of
+from ckpt_ema.io.links import inside, kind_of, walk_copy
 from ckpt_ema.output.configs import config_dtype_name, copy_config
 from ckpt_ema.output.dcp import DcpWriter
 from ckpt_ema.output.lightning import SUFFIX as LIGHTNING_SUFFIX
@@ -228,25 +228,16 @@ class FolderWriter:
                 origin = inside(source.path, source.path / relpath)  # links only inside the checkpoint
                 if copy_config(origin, destination, config_dtype_name(self._dtypes[folder])):
                     continue
-            self._copy(source.path, source.path / relpath.rstrip("/"), destination, frozenset())
+            self._copy(source.path, source.path / relpath.rstrip("/"), destination)
 
-    def _copy(self, root: Path, origin: Path, destination: Path, visiting: frozenset[Path]) -> None:
-        real = inside(root, origin)  # a link leaving the checkpoint is refused, never copied
-        try:
-            info = os.stat(real)
-        except FileNotFoundError:
-            raise InputError(f"{origin}: is a symbolic link to {real}, which does not exist") from None
-        if stat.S_ISDIR(info.st_mode):
-            if real in visiting:
-                raise InputError(f"{origin}: symbolic links in {root} form a loop")
-            if not destination.exists():
-                destination.mkdir(mode=self._folder_mode)
-            for name in sorted(os.listdir(real)):
-                self._copy(root, origin / name, destination / name, visiting | {real})
-        elif stat.S_ISREG(info.st_mode):
-            _copy_file(real, destination, self._options.mode)
-        else:
-            raise InputError(f"{origin}: is {kind_of(info.st_mode)}, not a file to copy; remove it from the checkpoint")
+    def _copy(self, root: Path, origin: Path, destination: Path) -> None:
+        for relative, real in walk_copy(root, origin):  # a link leaving the checkpoint is refused, never copied
+            target = destination / relative
+            if real is None:
+                if not target.exists():
+                    target.mkdir(mode=self._folder_mode)
+            else:
+                _copy_file(real, target, self._options.mode)
 
     def write(self, name: str, data: np.ndarray) -> None:
         writer, inner = self._route[name]
