@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # torch's CPU build: pinned so that pip never pulls a multi-GB CUDA build on a CPU machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint format bench docs clean
+.PHONY: install demo test test-slow test-all lint format bench docs clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,16 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m ckpt_ema.demo
 
+# make test: every test but those marked slow (real multi-process training, 10,000-file series, the demo);
+# make test-slow: those; .ci/run runs both.
 test: install
-	$(PY) -m pytest -q
-
-test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+test-all: install
+	$(PY) -m pytest -q
 
 lint: install
 	$(VENV)/bin/ruff check ckpt_ema tests benchmarks

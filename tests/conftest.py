@@ -1,4 +1,4 @@
-"""Shared test set-up: the ``slow`` marker (deselected by ``make test-fast``) and an environment without the
+"""Shared test set-up: the ``slow`` marker (deselected by ``make test``, run by ``make test-slow``) and an environment without the
 user's ckpt-ema settings, so that every test sees the defaults unless it sets them itself."""
 
 from __future__ import annotations
@@ -7,7 +7,9 @@ import pytest
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: a long test (real training, many processes); make test-fast skips it")
+    config.addinivalue_line(
+        "markers", "slow: a long test (real training, many processes); make test skips it, make test-slow runs it"
+    )
 
 
 @pytest.fixture(autouse=True)
