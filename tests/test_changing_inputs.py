@@ -52,14 +52,13 @@ main(sys.argv[3:], prog_name="ckpt-ema")
 """
 
 
-@pytest.fixture(params=["safetensors", "torch"])
-def series(tmp_path: Path, request: pytest.FixtureRequest) -> list[Path]:
+def write_series(tmp_path: Path, kind: str) -> list[Path]:
     """Three checkpoints of 48 MB: safetensors files, or torch.save pickles (read by byte range too)."""
     rng = np.random.default_rng(0)
     paths = []
     for step in STEPS:
         state = {f"layer.{i:02d}.weight": rng.standard_normal(ELEMENTS, dtype=np.float32) for i in range(TENSORS)}
-        if request.param == "torch":
+        if kind == "torch":
             import torch
 
             path = tmp_path / "run" / f"step-{step:06d}.pt"
@@ -71,6 +70,11 @@ def series(tmp_path: Path, request: pytest.FixtureRequest) -> list[Path]:
             save_file(state, str(path), metadata={"step": str(step)})
         paths.append(path)
     return paths
+
+
+@pytest.fixture
+def series(tmp_path: Path) -> list[Path]:
+    return write_series(tmp_path, "safetensors")
 
 
 def run_hooked(victim: Path, change: str, *args: object) -> subprocess.CompletedProcess[str]:
@@ -112,3 +116,15 @@ def test_an_unchanged_series_merges_under_the_same_hook_harness(series, tmp_path
     result = run_hooked(other, "rewrite", "merge", series[0].parent, "--half-life", "1000", "-o", out, "-q")
     assert result.returncode == 0, result.stderr
     assert leftovers(out.parent) == ["ema.safetensors"]
+
+
+def test_a_torch_pickle_truncated_during_the_merge_is_one_line_not_sigbus(tmp_path):
+    """Torch pickles are read by byte range too (their offsets from a load onto torch's meta device)."""
+    victim = write_series(tmp_path, "torch")[-1]
+    out = tmp_path / "out" / "ema.safetensors"
+    result = run_hooked(victim, "truncate", "merge", victim.parent, "--half-life", "1000", "-o", out, "-q")
+    lines = [line for line in result.stderr.splitlines() if line and not line.startswith("warning: ")]
+    assert lines[:1] == ["changed"], result.stderr
+    assert result.returncode == 1, f"exit code {result.returncode} (-7: SIGBUS): {result.stderr[-2000:]}"
+    assert len(lines) == 2 and lines[1].startswith(f"Error: {victim}: ") and "truncated" in lines[1], lines
+    assert leftovers(out.parent) == []

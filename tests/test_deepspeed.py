@@ -1,9 +1,10 @@
 """DeepSpeed ``global_stepN/`` checkpoints, written by DeepSpeed itself on the CPU (``tests/deepspeed_training.py``).
 
 The reference for the FP32 master weights is DeepSpeed's own ``zero_to_fp32`` (imported here, never by
-ckpt-ema); for the module weights, ``torch.load`` of the file. A one-process ZeRO-2 run keeps the fast suite
-fast; ZeRO-3 (one process) and the 2-rank runs under torchrun, whose partitions really split the parameters,
-are marked slow (each DeepSpeed run takes ~5 s).
+ckpt-ema); for the module weights, ``torch.load`` of the file. The whole file is slow (``make test-slow``):
+importing DeepSpeed and its first run take 20-100 s of a 2-core machine, a third of ``make test``'s budget;
+each later DeepSpeed run takes ~5 s (ZeRO-2 and ZeRO-3 in one process, 2-rank runs under torchrun, whose
+partitions really split the parameters).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ckpt_ema.io.deepspeed import open_deepspeed
 from ckpt_ema.io.torch_edge import to_torch
 from tests.reference import assert_close, ema_reference, run
 
+pytestmark = pytest.mark.slow
 deepspeed = pytest.importorskip("deepspeed")
 zero_to_fp32 = pytest.importorskip("deepspeed.utils.zero_to_fp32")
 
