@@ -2,7 +2,8 @@
 
 Run in-process (one process, plain model) or under ``torchrun --nproc-per-node 2`` (FSDP2 ``fully_shard``
 on a CPU device mesh, gloo): every parameter is then a DTensor sharded on dim 0 and each rank's
-``__R_0.distcp`` holds its shards, as torchtitan writes them. Two layouts:
+``__R_0.distcp`` holds its shards, as torchtitan writes them; ``--parallel tp``: tensor parallelism
+instead (``parallelize_module``, a weight sharded on dim 1). Two layouts:
 
 - ``nested``: ``dcp.save({"model": ..., "optimizer": ..., "train_state": {"step": N}})`` (torch's
   ``get_state_dict`` style; model keys ``model.*``);
@@ -35,26 +36,46 @@ def make_model(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(8, 33), nn.Tanh(), nn.Linear(33, 17), nn.Tanh(), nn.Linear(17, 3))
 
 
+def make_tp_model(seed: int = 0) -> nn.Module:
+    """The MLP for tensor parallelism: widths that split evenly over 2 ranks (DTensor's Shard(-1) inputs)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _parallelize(model: nn.Module, parallel: str, world: int) -> nn.Module:
+    """``fsdp``: FSDP2 on every Linear (every parameter a DTensor sharded on dim 0); ``tp``: Megatron-style
+    tensor parallelism, layer 0 column-wise (Shard(0)), layer 2 row-wise (its weight Shard(1)), layer 4 plain."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    if parallel == "tp":
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        return parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1000 + step)
     x = torch.randn(16, 8, generator=generator)
     return x, torch.stack([x[:, :3].sum(1), x[:, 3:6].prod(1), x[:, 6:].sin().sum(1)], 1)
 
 
-def train(out: Path, steps: int, every: int, layout: str = "nested", seed: int = 0) -> list[int]:
+def train(
+    out: Path, steps: int, every: int, layout: str = "nested", seed: int = 0, parallel: str = "fsdp"
+) -> list[int]:
     """Train ``steps`` AdamW steps, saving a DCP checkpoint every ``every`` steps; returns the steps saved."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    model = make_model(seed)
+    model = make_tp_model(seed) if parallel == "tp" else make_model(seed)
     if world > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in model:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = _parallelize(model, parallel, world)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.02)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     saved = []
@@ -95,11 +116,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--layout", choices=("nested", "flat"), default="nested")
+    parser.add_argument("--parallel", choices=("fsdp", "tp"), default="fsdp")
     args = parser.parse_args()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
     try:
-        train(args.out, args.steps, args.every, args.layout)
+        train(args.out, args.steps, args.every, args.layout, parallel=args.parallel)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -258,19 +258,17 @@ def test_sharded_tensors_are_merged_chunk_by_chunk_never_assembled(
     from ckpt_ema.io.source import CheckpointSource
 
     source = open_dcp(fsdp_run / "step-10")
-    assert source.pieces("0.weight") == [0, 17 * 8, 33 * 8]  # FSDP2 on 2 ranks: rows 0-16 and 17-32
-    assert source.pieces("4.bias") == [0, 2, 3]  # 3 values: 2 on rank 0, 1 on rank 1
+    assert source.chunks("0.weight") == [((0, 0), (17, 8)), ((17, 0), (16, 8))]  # FSDP2 on 2 ranks: rows 0-16, 17-32
+    assert source.chunks("4.bias") == [((0,), (2,)), ((2,), (1,))]  # 3 values: 2 on rank 0, 1 on rank 1
 
-    assembled = dcp_reader.DcpReader._flat_torch
+    def no_assembly(self: dcp_reader.DcpReader, *args: object) -> torch.Tensor:
+        raise AssertionError(f"a sharded tensor was read through the mapping: {args}")
 
-    def no_assembly(self: dcp_reader.DcpReader, name: str) -> torch.Tensor:
-        assert len(self.tensors[name].chunks) == 1, f"{name} was assembled"
-        return assembled(self, name)
-
-    monkeypatch.setattr(dcp_reader.DcpReader, "_flat_torch", no_assembly)
+    monkeypatch.setattr(dcp_reader.DcpReader, "_flat_torch", no_assembly)  # every chunk is read by byte range
+    monkeypatch.setattr(dcp_reader.DcpReader, "region", no_assembly)
     run("merge", fsdp_run, "--decay", "0.9", "-o", tmp_path / "pieces", "--no-hash")
     monkeypatch.undo()
-    monkeypatch.setattr(CheckpointSource, "pieces", lambda self, name: None)  # whole tensors, assembled
+    monkeypatch.setattr(CheckpointSource, "chunks", lambda self, name: None)  # whole tensors, assembled
     run("merge", fsdp_run, "--decay", "0.9", "-o", tmp_path / "assembled", "--no-hash")
     pieces, whole = _load_output(tmp_path / "pieces"), _load_output(tmp_path / "assembled")
     for name in whole:

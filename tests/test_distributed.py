@@ -16,8 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ckpt_ema.jobs.distributed import INDEX_NAME, split_tensors
+from ckpt_ema.jobs.distributed import INDEX_NAME, split_pieces, split_tensors
 from ckpt_ema.plan.model import TensorPlan
+from ckpt_ema.plan.pieces import Piece
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -32,6 +33,28 @@ def test_split_is_complete_balanced_and_in_plan_order():
             assert [t.name for t in share] == sorted(t.name for t in share)  # plan order kept
         loads = [sum(t.nbytes for t in share) for share in shares]
         assert max(loads) - min(loads) <= max(t.nbytes for t in tensors)
+
+
+def test_pieces_of_one_tensor_go_to_different_ranks_and_the_split_is_complete_and_balanced():
+    rng = np.random.default_rng(2)
+    pieces = []
+    for i, rows in enumerate(rng.integers(1, 400, 60)):
+        tensor = TensorPlan(f"t{i:02d}", (int(rows), 16), True, "BF16")
+        cuts = sorted({0, int(rows), *(int(c) for c in rng.integers(0, rows, int(rng.integers(0, 6))))})
+        pieces += [Piece(tensor, (a, 0), (b - a, 16)) for a, b in zip(cuts, cuts[1:])]
+    for ranks in (2, 3, 8):
+        shares = split_pieces(pieces, ranks)
+        assert sorted((p.name, p.offsets) for share in shares for p in share) == sorted(
+            (p.name, p.offsets) for p in pieces
+        )
+        for share in shares:
+            assert share == [p for p in pieces if p in share]  # plan order kept
+            names = [p.name for p in share]
+            for name in set(names):  # a rank gets a second piece of a tensor only when every rank has one
+                count = sum(p.name == name for p in pieces)
+                assert names.count(name) <= -(-count // ranks), (ranks, name)
+        loads = [sum(p.nbytes for p in share) for share in shares]
+        assert max(loads) - min(loads) <= max(p.nbytes for p in pieces)
 
 
 @pytest.mark.slow

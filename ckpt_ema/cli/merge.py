@@ -25,7 +25,7 @@ from ckpt_ema.jobs.integrity import DEFAULT_HASH, HASH_ALGORITHMS
 from ckpt_ema.jobs.merge import MergeJob
 from ckpt_ema.math.estimate import Estimate
 from ckpt_ema.output.layouts import FORMATS
-from ckpt_ema.output.paths import output_paths, sharded_output_folders
+from ckpt_ema.output.paths import output_paths
 from ckpt_ema.plan.model import Plan
 from ckpt_ema.report.plots import plot_weights, require_matplotlib
 from ckpt_ema.report.text import (
@@ -108,15 +108,13 @@ def merge(
     """
     plan = plan_from(options)
     if distributed.is_distributed():  # under torchrun: this rank's share, as one shard per target
-        flags = {
-            "--verify": verify,
-            "--strict": strict,
-            "--json": options["as_json"],
-            "--format folder": fmt == "folder",
-        }
-        if any(flags.values()):
-            raise click.UsageError(f"{', '.join(f for f, on in flags.items() if on)}: not available under torchrun yet")
-        _merge_distributed(plan, output, force, quiet, fmt)
+        sharded = _merge_distributed(plan, output, force, quiet, fmt, verify, strict, allow_overflow)
+        if sharded.rank == 0 and options["as_json"]:  # one document for the whole run
+            reasons: list[str | None] = ["not computed under torchrun"] * len(plan.outputs)
+            _report(plan, [None] * len(plan.outputs) if estimate else None, reasons, True, quiet, sharded.folders)
+        elif sharded.rank == 0 and not quiet:
+            for out, folder in zip(plan.outputs, sharded.folders):
+                say(f"wrote {folder}/ ({distributed.describe_files(sharded)}; {describe_output(plan, out)})")
         return
     paths = output_paths(plan, output, force=force, fmt=fmt)
     for warning in () if strict else plan.warnings:  # with --strict, MergeJob refuses them
@@ -160,16 +158,24 @@ def _report(
             say(f"{out.name}: {describe_estimate(estimates[k], reasons[k])}")
 
 
-def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool, fmt: str | None) -> None:
-    """``torchrun ... -m ckpt_ema merge``: see ckpt_ema/distributed.py. Rank 0 draws and reports."""
-    rank, ranks = distributed.world()
+def _merge_distributed(
+    plan: Plan,
+    output: Path,
+    force: bool,
+    quiet: bool,
+    fmt: str | None,
+    verify: bool,
+    strict: bool,
+    allow_overflow: bool,
+) -> distributed.ShardedMerge:
+    """``torchrun ... -m ckpt_ema merge``: see ckpt_ema/jobs/distributed.py. Rank 0 draws the progress bar."""
+    rank, _ = distributed.world()
     distributed.init()
     job, ok = None, False
     try:
-        for warning in plan.warnings if rank == 0 else ():
+        for warning in plan.warnings if rank == 0 and not strict else ():
             say(f"warning: {warning}", err=True)
-        folders = sharded_output_folders(plan, output, distributed.file_names(plan, fmt), force)
-        job = distributed.ShardedMerge(plan, folders, warn, fmt)
+        job = distributed.ShardedMerge(plan, output, force, warn, fmt, verify, strict, allow_overflow)
         with progress_bar(job.total_bytes, f"merge rank {rank}", quiet or rank > 0) as bar:
             for done in job:
                 bar.update(done)
@@ -177,9 +183,8 @@ def _merge_distributed(plan: Any, output: Path, force: bool, quiet: bool, fmt: s
     finally:
         distributed.finish(job, ok)
         distributed.shutdown()
-    if rank == 0 and not quiet:
-        for out, folder in zip(plan.outputs, job.folders):
-            say(f"wrote {folder}/ ({distributed.describe_files(job)}; {describe_output(plan, out)})")
+    assert job is not None
+    return job
 
 
 @main.command("plan")

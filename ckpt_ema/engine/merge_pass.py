@@ -38,7 +38,7 @@ import ctypes
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -49,6 +49,7 @@ from ckpt_ema.errors import SettingError
 from ckpt_ema.io.identity import FileIdentity
 from ckpt_ema.io.safetensors_format import DTYPES, all_finite
 from ckpt_ema.plan.model import Plan, TensorPlan
+from ckpt_ema.plan.pieces import Piece, plan_pieces, used_inputs
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 18  # torch kernel: 1 MB FP32 chunks stay in L2 (measured best of 2^14..2^20)
 FUSED_CHUNK_ELEMENTS = 1 << 20  # fused kernel: blocks of fused.BLOCK inside, spread over the cores
@@ -203,6 +204,9 @@ class MergePass:
         on_warning: called with a message for each input tensor holding NaN or Inf.
         kernel: ``"auto"``, ``"fused"`` or ``"torch"`` (default: ``CKPT_EMA_KERNEL`` or ``"auto"``).
         tensors: the tensors to compute (default: all of ``plan.tensors``; a distributed rank's share).
+        pieces: the blocks to compute, in order (default: every piece of ``tensors``, ``plan.pieces``); a
+            tensor stored in chunks (DCP) is merged block by block, never held whole.
+        chunked: the sinks take a tensor's blocks in chunk order (DCP outputs), see ``plan.pieces``.
         observer: shown each piece of a file read (``ReadObserver``; the inputs' hash rides on it).
         rows_sink: also receives every floating-point piece of all outputs at once (``RowsSink``); with it,
             ``sinks`` may be empty.
@@ -220,6 +224,8 @@ class MergePass:
         observer: ReadObserver | None = None,
         rows_sink: RowsSink | None = None,
         chunk_sink: ChunkSink | None = None,
+        pieces: Sequence[Piece] | None = None,
+        chunked: bool = False,
     ) -> None:
         if len(sinks) != len(plan.outputs) and not ((rows_sink is not None or chunk_sink is not None) and not sinks):
             raise ValueError("one sink per output is needed")
@@ -234,13 +240,16 @@ class MergePass:
         self.chunk_elements = chunk_elements
         self.on_warning = on_warning or (lambda message: None)
         self.tensors = tuple(plan.tensors if tensors is None else tensors)
+        self.pieces = tuple(plan_pieces(plan, self.tensors, chunked) if pieces is None else pieces)
+        if pieces is not None:
+            self.tensors = tuple({p.name: p.tensor for p in self.pieces}.values())
         self._warned: set[tuple[str, int]] = set()
         # tensor name -> values (over all outputs) beyond the output dtype's range, written as inf
         self.overflows: dict[str, int] = {}
         self.coefficients = plan.coefficient_matrix()  # (outputs, checkpoints) float64
         self.used_inputs = used_inputs(plan)
         self._coefs32 = np.ascontiguousarray(self.coefficients[:, self.used_inputs], dtype=np.float32)
-        self.total_bytes = bytes_read(plan, self.tensors)
+        self.total_bytes = sum(_tensor_bytes_read(plan, p.flat, self.used_inputs) for p in self.pieces)
         self._file_keys: list[tuple[int, int]] = []
         self._file_index: dict[tuple[int, int], int] = {}
         self._paths: list[Any] = []
@@ -250,7 +259,7 @@ class MergePass:
         self._torch_kernel: _TorchKernel | None = None
 
     def __len__(self) -> int:
-        return len(self.tensors)
+        return len(self.pieces)
 
     # -- the layout: which tensors are read by the read-ahead, as which spans --------------------------------
 
@@ -265,25 +274,22 @@ class MergePass:
             self._identities.append(weight_file.identity)
         return index
 
-    def _locate(self, j: int, name: str) -> tuple[int, int, int, str] | None:
-        """(file index, begin, end, dtype) of tensor ``name`` of checkpoint ``j``, if it lies in a file."""
-        where = self.plan.checkpoints[j].source.locate(name)
+    def _locate(self, j: int, piece: Piece) -> tuple[int, int, int, str] | None:
+        """(file index, begin, end, dtype) of ``piece`` in checkpoint ``j``, if it is one byte range of a file."""
+        source = self.plan.checkpoints[j].source
+        where = source.locate(piece.name) if piece.whole else source.locate_region(piece.name, piece.region)
         if where is None:
             return None
         number, begin, end, dtype = where
         return self._file(j, number), begin, end, dtype
 
-    def _layout(self) -> list[tuple[str, TensorPlan | _Located]]:
-        """The pass in order: ("empty"|"copy"|"flat", TensorPlan) and ("located", _Located) items."""
-        segments: list[tuple[str, TensorPlan | _Located]] = []
+    def _layout(self) -> list[tuple[str, Piece | _Located]]:
+        """The pass in order: ("empty"|"copy"|"flat", Piece) and ("located", _Located) items."""
+        segments: list[tuple[str, Piece | _Located]] = []
         span: _Located | None = None
-        for tensor in self.tensors:
-            numel = math.prod(tensor.shape)
-            if tensor.is_float and numel and self._piece_bounds(tensor) is not None:
-                span = None
-                segments.append(("pieces", tensor))  # a sharded DCP tensor: merged chunk by chunk
-                continue
-            found = [self._locate(j, tensor.name) for j in self.used_inputs] if tensor.is_float and numel else []
+        for piece in self.pieces:
+            tensor, numel = piece.flat, piece.numel
+            found = [self._locate(j, piece) for j in self.used_inputs] if tensor.is_float and numel else []
             where = [w for w in found if w is not None]
             if where and len(where) == len(found):
                 files = [w[0] for w in where]
@@ -307,7 +313,7 @@ class MergePass:
                 continue
             span = None
             kind = "empty" if numel == 0 else "flat" if tensor.is_float else "copy"
-            segments.append((kind, tensor))
+            segments.append((kind, piece))
         return segments
 
     def _located(self) -> list[_Located]:
@@ -319,7 +325,7 @@ class MergePass:
         if self.chunk_elements:
             return chunk
         itemsize = max((DTYPES[d][1] for s in self._located() for d in s.in_dtypes), default=4)
-        out_size = max((DTYPES[t.out_dtype][1] for t in self.tensors if t.is_float), default=4)
+        out_size = max((DTYPES[p.tensor.out_dtype][1] for p in self.pieces if p.tensor.is_float), default=4)
         readers = max(1, len(self.used_inputs))
         chunk = min(chunk, READ_BUDGET // (READ_DEPTH * readers * itemsize))
         chunk = min(chunk, OUTPUT_BUDGET // (max(1, self.output_count) * max(out_size, 4)))
@@ -358,25 +364,19 @@ class MergePass:
                     for tensor in item.tensors:
                         yield self._bytes_read(tensor)
                     continue
-                tensor = item
-                if kind == "pieces":
-                    yield from self._flush(span)
-                    span = _Span()
-                    self._merge_pieces(tensor)
-                    yield self._bytes_read(tensor)
-                    continue
+                piece = item
                 if kind == "flat":
-                    views = [self.plan.checkpoints[j].source.flat(tensor.name) for j in self.used_inputs]
-                    if not span.extends(tensor, views) or span.numel + math.prod(tensor.shape) > SPAN_LIMIT:
+                    views = [self._view(j, piece) for j in self.used_inputs]
+                    if not span.extends(piece.flat, views) or span.numel + piece.numel > SPAN_LIMIT:
                         yield from self._flush(span)
                         span = _Span()
-                    span.add(tensor, views)
+                    span.add(piece.flat, views)
                     continue
                 yield from self._flush(span)
                 span = _Span()
                 if kind == "copy":
-                    self._copy_newest(tensor)
-                yield self._bytes_read(tensor)
+                    self._copy_newest(piece)
+                yield self._bytes_read(piece.flat)
             yield from self._flush(span)
         finally:
             if reader is not None:
@@ -395,42 +395,26 @@ class MergePass:
     def _bytes_read(self, tensor: TensorPlan) -> int:
         return _tensor_bytes_read(self.plan, tensor, self.used_inputs)
 
-    def _piece_bounds(self, tensor: TensorPlan) -> list[int] | None:
-        """Flat offsets where some used checkpoint stores ``tensor`` in separate pieces (a sharded DCP tensor):
-        the union of every checkpoint's boundaries, so that each piece is one view in every checkpoint."""
-        found: set[int] = set()
-        for j in self.used_inputs:
-            found.update(self.plan.checkpoints[j].source.pieces(tensor.name) or ())
-        if not found:
-            return None
-        return sorted(found | {0, math.prod(tensor.shape)})
+    def _view(self, j: int, piece: Piece) -> np.ndarray:
+        """``piece`` of checkpoint ``j`` as 1-D (a view where the reader can; a block spanning several
+        stored chunks is copied together, bounded by the block)."""
+        source = self.plan.checkpoints[j].source
+        return source.flat(piece.name) if piece.whole else source.region(piece.name, piece.region)
 
-    def _merge_pieces(self, tensor: TensorPlan) -> None:
-        """Merge ``tensor`` piece by piece: memory holds one piece per checkpoint, never the whole tensor.
-        The sums are those of a whole-tensor pass (they do not depend on where a tensor is cut)."""
-        bounds = self._piece_bounds(tensor) or [0, math.prod(tensor.shape)]
-        for start, stop in zip(bounds, bounds[1:]):
-            if stop <= start:
-                continue
-            views = [self.plan.checkpoints[j].source.flat_range(tensor.name, start, stop) for j in self.used_inputs]
-            piece = _Span()
-            piece.add(replace(tensor, shape=(stop - start,)), views)
-            self._merge_span(piece)
-
-    def _copy_newest(self, tensor: TensorPlan) -> None:
+    def _copy_newest(self, piece: Piece) -> None:
         newest = len(self.plan.checkpoints) - 1
-        where = self.plan.newest.source.locate(tensor.name)
+        tensor = piece.tensor
+        where = self._locate(newest, piece)
         if where is None:
-            data = self.plan.newest.source.flat(tensor.name)
+            data = self._view(newest, piece)
             for sink in self.sinks:
                 sink.write(tensor.name, data)
             return
-        number, begin, end, dtype = where
-        file = self._file(newest, number)
+        file, begin, end, dtype = where
         storage, itemsize, _ = DTYPES[dtype]
-        piece = max(itemsize, COPY_PIECE // itemsize * itemsize)
-        for start in range(begin, end, piece):
-            raw = read_exactly(self._paths[file], self._identities[file], start, min(piece, end - start))
+        step = max(itemsize, COPY_PIECE // itemsize * itemsize)
+        for start in range(begin, end, step):
+            raw = read_exactly(self._paths[file], self._identities[file], start, min(step, end - start))
             for sink in self.sinks:
                 sink.write(tensor.name, raw.view(storage))
 
@@ -558,12 +542,6 @@ class MergePass:
                     self.on_warning(f"{ckpt.path}: tensor {tensor.name!r} (step {ckpt.step}) has NaN or Inf values")
 
 
-def used_inputs(plan: Plan) -> list[int]:
-    """The checkpoints the pass reads: those with a non-zero coefficient in some output."""
-    coefficients = plan.coefficient_matrix()
-    return [j for j in range(len(plan.checkpoints)) if coefficients[:, j].any()]
-
-
 def bytes_read(plan: Plan, tensors: Sequence[TensorPlan] | None = None) -> int:
     """The input bytes a pass over ``tensors`` (default: all of the plan's) reads, for progress bars."""
     used = used_inputs(plan)
@@ -571,8 +549,10 @@ def bytes_read(plan: Plan, tensors: Sequence[TensorPlan] | None = None) -> int:
 
 
 def _tensor_bytes_read(plan: Plan, tensor: TensorPlan, used: Sequence[int]) -> int:
+    """Bytes read for ``tensor`` (or a block of it, given as a 1-D tensor of its name and size)."""
     readers = used if tensor.is_float else [len(plan.checkpoints) - 1]  # non-float: copied from the newest
-    return sum(plan.checkpoints[j].source.tensors[tensor.name].nbytes for j in readers)
+    numel = math.prod(tensor.shape)
+    return sum(numel * DTYPES[plan.checkpoints[j].source.tensors[tensor.name].dtype][1] for j in readers)
 
 
 class _TorchKernel:

@@ -15,9 +15,10 @@ How it is read here, without running any pickle code: ``.metadata`` goes through
 knows the DCP metadata classes (and ``torch.Size``, dtypes); each chunk's ``torch.save`` blob is opened with
 ``torch.load(weights_only=True, map_location="meta")``, which reads only its small header and pickle and
 gives where the data record starts; a tensor in one chunk then has a byte range (read like a safetensors
-tensor), a chunk read by ``flat`` is a zero-copy view of a read-only mapping of the file. A tensor sharded
-on dim 0 (FSDP2) is merged chunk by chunk (:func:`pieces`, ``CheckpointSource.flat_range``), each chunk a view;
-other shardings are assembled from their chunks into one buffer, one tensor at a time.
+tensor), a chunk read by ``flat`` is a zero-copy view of a read-only mapping of the file. A sharded tensor
+is merged block by block (``ckpt_ema.plan.pieces``): :class:`DcpChunks` gives its chunk layout and the
+byte range of a block lying in one chunk (the engine reads it with ``pread``), ``DcpReader.region`` copies
+a block spanning several chunks; only a block that is the whole tensor is assembled whole.
 
 Only model weights are averaged: entries under ``optimizer``, ``dataloader``, ``lr_scheduler``,
 ``train_state`` ... and non-tensor entries are listed as ignored. Keys are normalised: torchtitan's
@@ -46,7 +47,16 @@ import numpy as np
 
 from ckpt_ema.errors import InputError
 from ckpt_ema.io.safetensors_format import DTYPES, TensorInfo
-from ckpt_ema.io.source import CheckpointSource, FileNote, Part, TensorInfoLike, TensorMeta, WeightFile, dtype_name
+from ckpt_ema.io.source import (
+    CheckpointSource,
+    FileNote,
+    Part,
+    Region,
+    TensorInfoLike,
+    TensorMeta,
+    WeightFile,
+    dtype_name,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -419,18 +429,78 @@ def locate_blob(file: io.BufferedReader, offset: int, length: int, where: str) -
     return offset + start + int(meta.storage_offset()) * meta.element_size(), meta
 
 
-def pieces(tensor: DcpTensor) -> list[int] | None:
-    """Flat offsets ``[0, ..., numel]`` of a tensor's chunks when each is a run of whole rows (sharded on dim 0,
-    as FSDP2 shards every parameter), so each is one contiguous piece of the flat tensor; else None."""
-    if len(tensor.chunks) < 2 or not tensor.shape:
-        return None
-    row = math.prod(tensor.shape[1:])
-    bounds = [0]
-    for chunk in tensor.chunks:  # sorted by offsets
-        if chunk.sizes[1:] != tensor.shape[1:] or any(chunk.offsets[1:]) or chunk.offsets[0] * row != bounds[-1]:
+def _holding(tensor: DcpTensor, region: Region) -> Chunk | None:
+    """The chunk of which ``region`` is one contiguous run: the chunk itself, or whole rows of it."""
+    offsets, sizes = region
+    for chunk in tensor.chunks:
+        if (chunk.offsets, chunk.sizes) == (offsets, sizes):
+            return chunk
+        if (
+            offsets
+            and offsets[1:] == chunk.offsets[1:]
+            and sizes[1:] == chunk.sizes[1:]
+            and chunk.offsets[0] <= offsets[0]
+            and offsets[0] + sizes[0] <= chunk.offsets[0] + chunk.sizes[0]
+        ):
+            return chunk
+    return None
+
+
+class DcpChunks:
+    """The chunk layout of a DCP checkpoint's tensors, and where a block of one lies in its ``.distcp`` file.
+
+    Locating a chunk reads its blob's zip directory and pickle (``torch.load(map_location="meta")``, about
+    1.5 kB), only when the pass asks for it: a rank of a distributed merge locates only its own chunks.
+    """
+
+    def __init__(self, folder: Path, tensors: Mapping[str, DcpTensor]) -> None:
+        self.folder = folder
+        self.tensors = tensors
+        self._starts: dict[tuple[str, int], int | None] = {}  # (relpath, blob offset) -> data start
+
+    def chunks(self, stored: str) -> list[Region] | None:
+        tensor = self.tensors[stored]
+        if len(tensor.chunks) < 2:
             return None
-        bounds.append((chunk.offsets[0] + chunk.sizes[0]) * row)
-    return bounds if bounds[-1] == math.prod(tensor.shape) else None
+        return [(c.offsets, c.sizes) for c in tensor.chunks]
+
+    def locate(self, stored: str, region: Region) -> tuple[str, int, int] | None:
+        tensor = self.tensors[stored]
+        chunk = _holding(tensor, region)
+        if chunk is None or not chunk.numel:
+            return None
+        key = (chunk.relpath, chunk.offset)
+        if key not in self._starts:
+            self._starts[key] = self._data_start(tensor, chunk)
+        start = self._starts[key]
+        if start is None:
+            return None
+        itemsize = DTYPES[tensor.dtype][1]
+        row = math.prod(chunk.sizes[1:]) if chunk.sizes else 1
+        begin = start + ((region[0][0] - chunk.offsets[0]) * row if chunk.sizes else 0) * itemsize
+        return chunk.relpath, begin, begin + math.prod(region[1]) * itemsize
+
+    def _data_start(self, tensor: DcpTensor, chunk: Chunk) -> int | None:
+        """Where the chunk's data starts in its file, if stored contiguous as the metadata says (else None:
+        ``DcpReader`` reads it, and says what is wrong if anything is)."""
+        path = self.folder / chunk.relpath
+        where = f"{path} ({tensor.fqn} at {list(chunk.offsets)})"
+        try:
+            with open(path, "rb") as file:
+                if chunk.offset + chunk.length > os.fstat(file.fileno()).st_size:
+                    raise InputError(f"{where}: lies beyond the end of the file; the checkpoint is truncated")
+                start, meta = locate_blob(file, chunk.offset, chunk.length, where)
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        nbytes = chunk.numel * DTYPES[tensor.dtype][1]
+        if (
+            dtype_name(meta.dtype) != tensor.dtype
+            or tuple(meta.shape) != chunk.sizes
+            or not meta.is_contiguous()
+            or start + nbytes > chunk.offset + chunk.length
+        ):
+            return None
+        return start
 
 
 class DcpReader:
@@ -490,19 +560,36 @@ class DcpReader:
 
         return to_numpy(self._flat_torch(name))
 
-    def flat_range(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Elements ``[start, stop)`` of tensor ``name``: a view of the chunk holding them (see :func:`pieces`)."""
+    def region(self, name: str, region: Region) -> np.ndarray:
+        """A block of tensor ``name`` as 1-D: a view of the chunk holding it, else copied from the chunks it
+        spans (memory: the block, never the whole tensor unless the block is the tensor)."""
         from ckpt_ema.io.torch_edge import to_numpy
 
         tensor = self.tensors[name]
-        bounds = pieces(tensor)
-        if bounds is not None:
-            for chunk, low, high in zip(tensor.chunks, bounds, bounds[1:]):
-                if low <= start and stop <= high:
-                    view = self.chunk(tensor, chunk)
-                    flat = view.reshape(-1) if view.is_contiguous() else view.contiguous().reshape(-1)
-                    return to_numpy(flat[start - low : stop - low])
-        return self.flat(name)[start:stop]
+        offsets, sizes = region
+        if (offsets, sizes) == ((0,) * len(tensor.shape), tensor.shape):
+            return to_numpy(self._flat_torch(name))
+        chunk = _holding(tensor, region)
+        if chunk is not None:
+            view = self.chunk(tensor, chunk)
+            inner = tuple(slice(o - c, o - c + s) for o, c, s in zip(offsets, chunk.offsets, sizes))
+            block = view[inner]
+            return to_numpy(block.reshape(-1) if block.is_contiguous() else block.contiguous().reshape(-1))
+        out: torch.Tensor | None = None
+        for chunk in tensor.chunks:
+            low = [max(o, c) for o, c in zip(offsets, chunk.offsets)]
+            high = [min(o + s, c + z) for o, s, c, z in zip(offsets, sizes, chunk.offsets, chunk.sizes)]
+            if any(lo >= hi for lo, hi in zip(low, high)):
+                continue
+            data = self.chunk(tensor, chunk)
+            if out is None:
+                out = torch.empty(sizes, dtype=data.dtype)
+            source = tuple(slice(lo - c, hi - c) for lo, hi, c in zip(low, high, chunk.offsets))
+            target = tuple(slice(lo - o, hi - o) for lo, hi, o in zip(low, high, offsets))
+            out[target].copy_(data[source])
+        if out is None:
+            raise InputError(f"{self.folder}: no chunk of {tensor.fqn!r} holds {list(offsets)} {list(sizes)}")
+        return to_numpy(out.reshape(-1))
 
     def _flat_torch(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as 1-D in its stored dtype: a view for one chunk, else assembled from its chunks."""
@@ -582,6 +669,7 @@ def open_dcp(path: Path) -> CheckpointSource:
             raise InputError(f"{path / relpath}: missing; the DCP checkpoint is incomplete") from None
     by_file: dict[str, dict[str, TensorInfoLike]] = {relpath: {} for relpath in data_files}
     ranges = _byte_ranges(path, tensors)
+    chunked = DcpChunks(path, tensors)
     for name, tensor in tensors.items():
         by_file[tensor.chunks[0].relpath][name] = ranges.get(name) or TensorMeta(tensor.dtype, tensor.shape)
     weight_files = [  # also the files holding only later chunks: their bytes are read (and hashed) too
@@ -592,7 +680,7 @@ def open_dcp(path: Path) -> CheckpointSource:
             {},
             lambda: DcpReader(path, tensors),
             sizes[relpath],
-            pieces=lambda name: pieces(tensors[name]),
+            chunked=chunked,
         )
         for relpath, infos in by_file.items()
     ]

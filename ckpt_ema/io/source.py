@@ -79,15 +79,36 @@ class TensorInfoLike(Protocol):
     def nbytes(self) -> int: ...
 
 
+# A block of a tensor: (offsets, sizes), one per dimension; the whole tensor is ((0, ...), shape).
+Region = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def whole_region(shape: Sequence[int]) -> Region:
+    return (0,) * len(shape), tuple(shape)
+
+
 class OpenFile(Protocol):
     def flat(self, name: str) -> np.ndarray: ...
 
 
 @runtime_checkable
-class RangeFile(OpenFile, Protocol):
-    """An open file that reads part of a tensor without assembling it (a sharded DCP tensor's chunk)."""
+class RegionFile(OpenFile, Protocol):
+    """An open file that reads a block of a tensor without assembling the tensor (a DCP tensor's chunks)."""
 
-    def flat_range(self, name: str, start: int, stop: int) -> np.ndarray: ...
+    def region(self, name: str, region: Region) -> np.ndarray: ...
+
+
+class ChunkedTensors(Protocol):
+    """A format storing tensors in chunks, each a block of the tensor stored contiguously (DCP)."""
+
+    def chunks(self, stored: str) -> Sequence[Region] | None:
+        """The chunks of ``stored``, sorted by offsets; None when it is stored whole, in one chunk."""
+        ...
+
+    def locate(self, stored: str, region: Region) -> tuple[str, int, int] | None:
+        """``(relpath, begin, end)``: the bytes of ``region`` when they are one contiguous run of one chunk
+        (the chunk itself, or whole rows of it); else None."""
+        ...
 
 
 @dataclass
@@ -107,9 +128,8 @@ class WeightFile:
     open: Callable[[], OpenFile]
     size: int
     identity: FileIdentity | None = None
-    # Formats that store a tensor in separate contiguous pieces (a DCP tensor sharded on dim 0): the flat
-    # element offsets [0, ..., numel] of a stored name's pieces, or None when it is one piece.
-    pieces: Callable[[str], Sequence[int] | None] | None = None
+    # Formats that store tensors in chunks (DCP): their layout, and where a block of one lies
+    chunked: ChunkedTensors | None = None
 
 
 @dataclass
@@ -198,6 +218,7 @@ class CheckpointSource:
                     self._tensors[name] = info
         self._open_number = -1
         self._open: OpenFile | None = None
+        self._numbers: dict[str, int] | None = None  # relpath -> file number
 
     @property
     def tensors(self) -> dict[str, TensorInfoLike]:
@@ -241,22 +262,39 @@ class CheckpointSource:
         assert self._open is not None
         return self._open
 
-    def pieces(self, name: str) -> Sequence[int] | None:
-        """Where ``name`` is stored in separate contiguous pieces: flat offsets ``[0, ..., numel]``, or None.
-
-        The engine then merges it piece by piece (:meth:`flat_range`), never holding it whole.
-        """
+    def chunks(self, name: str) -> Sequence[Region] | None:
+        """The chunks ``name`` is stored in (blocks of the tensor, sorted by offsets), or None: stored whole."""
         number, stored = self._where[name]
-        find = self._files[number].pieces
-        return find(stored) if find is not None else None
+        chunked = self._files[number].chunked
+        return chunked.chunks(stored) if chunked is not None else None
 
-    def flat_range(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Elements ``[start, stop)`` of tensor ``name`` as 1-D (a view when they lie in one stored piece)."""
+    def locate_region(self, name: str, region: Region) -> tuple[int, int, int, str] | None:
+        """Like :meth:`locate`, for a block of the tensor: its bytes when they are one contiguous run of one
+        stored chunk; else None (then :meth:`region` reads it)."""
+        if region == whole_region(self._tensors[name].shape) and self.chunks(name) is None:
+            return self.locate(name)
+        number, stored = self._where[name]
+        chunked = self._files[number].chunked
+        found = chunked.locate(stored, region) if chunked is not None else None
+        if found is None:
+            return None
+        relpath, begin, end = found
+        if self._numbers is None:
+            self._numbers = {f.relpath: n for n, f in enumerate(self._files)}
+        file = self._numbers.get(relpath)
+        return None if file is None else (file, begin, end, self._tensors[name].dtype)
+
+    def region(self, name: str, region: Region) -> np.ndarray:
+        """A block of tensor ``name`` as 1-D row-major data (a view when it lies in one stored chunk)."""
         number, stored = self._where[name]
         opened = self._opened(number)
-        if isinstance(opened, RangeFile):
-            return opened.flat_range(stored, start, stop)
-        return opened.flat(stored)[start:stop]
+        if isinstance(opened, RegionFile):
+            return opened.region(stored, region)
+        shape = self._tensors[name].shape
+        if region == whole_region(shape):
+            return opened.flat(stored)
+        block = tuple(slice(o, o + s) for o, s in zip(*region))
+        return np.ascontiguousarray(opened.flat(stored).reshape(shape)[block]).reshape(-1)
 
     def close(self) -> None:
         self._open = None

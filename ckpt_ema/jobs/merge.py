@@ -28,7 +28,7 @@ from ckpt_ema.jobs.integrity import (
     hash_key,
 )
 from ckpt_ema.math.estimate import Estimate
-from ckpt_ema.output.layouts import open_output, output_metadata
+from ckpt_ema.output.layouts import open_output, output_metadata, writes_dcp
 from ckpt_ema.output.lock import OutputLock
 from ckpt_ema.output.paths import output_mode, output_paths
 from ckpt_ema.output.writer import (
@@ -214,8 +214,9 @@ class MergeJob:
                 self.writers.append(open_output(plan, path, meta, fmt, options))
             # inside the guard: an error or Ctrl-C while the pass is laid out removes the temporary files
             self.merge_pass = MergePass(
-                plan, self.writers, chunk_elements, self._warn, observer=self.hasher, chunk_sink=self.gatherer
-            )
+                plan, self.writers, chunk_elements, self._warn, observer=self.hasher, chunk_sink=self.gatherer,
+                chunked=writes_dcp(plan, fmt),  # a DCP output keeps the inputs' chunks (plan.pieces)
+            )  # fmt: skip
         except BaseException:
             self.abort()
             raise
@@ -282,20 +283,7 @@ class MergeJob:
         self._on_warning(message)
 
     def _overflowed(self, overflows: dict[str, int]) -> None:
-        """Tensors whose FP32 sums were finite but beyond the output dtype's range: an error, or a warning."""
-        dtypes = {t.name: t.out_dtype for t in self.plan.tensors}
-        kinds = sorted({dtypes[name] for name in overflows})
-        ranges = ", ".join(f"{DTYPE_WORDS.get(k, k)} holds at most {RANGE_LIMITED[k]:g}" for k in kinds)
-        listed = sorted(overflows.items(), key=lambda item: (-item[1], item[0]))
-        shown = ", ".join(f"{name!r} ({count} values)" for name, count in listed[:6])
-        more = f" and {len(listed) - 6} more" if len(listed) > 6 else ""
-        text = f"{len(listed)} tensor(s) have values beyond the output dtype's range ({ranges}): {shown}{more}"
-        if not self.allow_overflow:
-            raise OutputError(
-                f"{text}; they would be written as inf: choose --dtype bf16 or fp32, or pass --allow-overflow "
-                "to write them anyway (no output written)"
-            )
-        self._warn(f"{text}; written as inf (--allow-overflow)")
+        check_overflows(self.plan, overflows, self.allow_overflow, self._warn)
 
     def _input_hashes(self) -> dict[str, str]:
         algorithm = self.hasher.algorithm if self.hasher else ""
@@ -310,6 +298,26 @@ class MergeJob:
 
 
 _LIVE: weakref.WeakSet[MergeJob] = weakref.WeakSet()
+
+
+def check_overflows(plan: Plan, overflows: dict[str, int], allow: bool, warn: Callable[[str], None]) -> None:
+    """Tensors whose FP32 sums were finite but beyond the output dtype's range: an ``OutputError`` naming
+    them, or with ``allow`` (``--allow-overflow``) a warning."""
+    if not overflows:
+        return
+    dtypes = {t.name: t.out_dtype for t in plan.tensors}
+    kinds = sorted({dtypes[name] for name in overflows})
+    ranges = ", ".join(f"{DTYPE_WORDS.get(k, k)} holds at most {RANGE_LIMITED[k]:g}" for k in kinds)
+    listed = sorted(overflows.items(), key=lambda item: (-item[1], item[0]))
+    shown = ", ".join(f"{name!r} ({count} values)" for name, count in listed[:6])
+    more = f" and {len(listed) - 6} more" if len(listed) > 6 else ""
+    text = f"{len(listed)} tensor(s) have values beyond the output dtype's range ({ranges}): {shown}{more}"
+    if not allow:
+        raise OutputError(
+            f"{text}; they would be written as inf: choose --dtype bf16 or fp32, or pass --allow-overflow "
+            "to write them anyway (no output written)"
+        )
+    warn(f"{text}; written as inf (--allow-overflow)")
 
 
 def abort_live_jobs() -> None:

@@ -6,7 +6,8 @@ The layout is the one torch's ``FileSystemWriter`` produces (``torch/distributed
     OUT/.metadata       a pickle of torch's ``Metadata``: every tensor's dtype, size and chunk, and where it is
     OUT/ckpt_ema.json   the provenance (SPEC §6: ``format``, ``ckpt_ema.*``), which DCP has no place for
 
-Each tensor is one chunk (offsets 0, the full size) under the model's own names, so
+Each tensor is one chunk (offsets 0, the full size), or the chunks it was merged by (``plan.pieces``: the
+inputs' own chunks, or runs of rows), under the model's own names, so
 ``dcp.load(model.state_dict(), checkpoint_id=OUT)`` fills an unwrapped model (any sharding: DCP reshards
 on load). A blob's bytes are produced as ``torch.save`` writes them: its zip header and pickle come from
 ``torch.save`` of an empty tensor of the same dtype and shape under ``torch.serialization.skip_data`` (which
@@ -39,6 +40,7 @@ import numpy as np
 from ckpt_ema.errors import OutputError
 from ckpt_ema.output.writer import TEMP_MARKER, WriteOptions, remove_stale_temps, replace_folder, write_json_atomic
 from ckpt_ema.plan.model import TensorPlan
+from ckpt_ema.plan.pieces import Piece, whole
 
 if TYPE_CHECKING:
     import torch
@@ -128,25 +130,33 @@ def blob_template(shape: Sequence[int], dtype: torch.dtype) -> BlobTemplate:
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """Where one written tensor is: its data file, and the blob's offset and length in it."""
+    """Where one written chunk is: the tensor, the block it holds, its data file, the blob's offset and length."""
 
     name: str
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # of the whole tensor
     relpath: str
     offset: int
     length: int
-    data_offset: int  # where the tensor's bytes start in the file
+    data_offset: int  # where the chunk's bytes start in the file
     data_bytes: int
+    chunk_offsets: tuple[int, ...] = ()  # the block of the tensor this chunk holds (default: all of it)
+    chunk_sizes: tuple[int, ...] | None = None
+
+    @property
+    def region(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        sizes = self.shape if self.chunk_sizes is None else self.chunk_sizes
+        return (self.chunk_offsets or (0,) * len(self.shape)), tuple(sizes)
 
 
 class DcpDataFile:
-    """Streams one ``__R_0.distcp`` file; tensors must arrive in the order given, each exactly once."""
+    """Streams one ``__R_0.distcp`` file: one blob per piece (a tensor, or one block of it: a chunk), in the
+    order given; each tensor's data arrives as its pieces' data one after the other."""
 
     def __init__(
         self,
         path: Path,
-        tensors: Sequence[TensorPlan],
+        tensors: Sequence[TensorPlan | Piece],
         relpath: str | None = None,
         digest: bool = False,
         mode: int = 0o644,  # permission bits of the file (the inputs' most restrictive: output.paths.output_mode)
@@ -155,7 +165,7 @@ class DcpDataFile:
         self.digest = hashlib.sha256() if digest else None
         self.relpath = relpath or path.name
         self.temp_path = path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
-        self._tensors = list(tensors)
+        self._pieces = [t if isinstance(t, Piece) else whole(t) for t in tensors]
         self._index = 0
         self._template: BlobTemplate | None = None
         self._written = 0
@@ -173,9 +183,9 @@ class DcpDataFile:
 
     def _advance(self) -> None:
         """Start the next tensor (finishing empty ones at once: they have no data to wait for)."""
-        while self._index < len(self._tensors):
-            tensor = self._tensors[self._index]
-            self._template = blob_template(tensor.shape, torch_dtype(tensor.out_dtype))
+        while self._index < len(self._pieces):
+            piece = self._pieces[self._index]
+            self._template = blob_template(piece.sizes, torch_dtype(piece.tensor.out_dtype))
             self._blob_start = self._file.tell()
             self._write(self._template.head)
             self._written, self._crc = 0, 0
@@ -192,7 +202,7 @@ class DcpDataFile:
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Append (part of) tensor ``name``; ``data`` is in the output dtype's storage type."""
-        if self._index >= len(self._tensors) or name != self._tensors[self._index].name:
+        if self._index >= len(self._pieces) or name != self._pieces[self._index].name:
             raise RuntimeError(f"tensor {name!r} written out of order")
         view = np.ascontiguousarray(data).reshape(-1).view(np.uint8).data
         self._write(view)
@@ -217,17 +227,19 @@ class DcpDataFile:
         self._write(tail)
         if template.local_crc is not None and template.size:
             os.pwrite(self._file.fileno(), crc, self._blob_start + template.local_crc)
-        tensor = self._tensors[self._index]
+        piece = self._pieces[self._index]
         self.stored.append(
             StoredTensor(
-                tensor.name,
-                tensor.out_dtype,
-                tuple(tensor.shape),
+                piece.name,
+                piece.tensor.out_dtype,
+                tuple(piece.tensor.shape),
                 self.relpath,
                 self._blob_start,
                 template.length,
                 self._blob_start + len(template.head),
                 template.size,
+                piece.offsets,
+                piece.sizes,
             )
         )
         self._index += 1
@@ -235,8 +247,8 @@ class DcpDataFile:
 
     def close(self) -> None:
         """Flush and close the temporary file (every tensor must have been written)."""
-        if self._index != len(self._tensors):
-            raise RuntimeError(f"{self.path}: {len(self._tensors) - self._index} tensors were not written")
+        if self._index != len(self._pieces):
+            raise RuntimeError(f"{self.path}: {len(self._pieces) - self._index} chunks were not written")
         try:
             os.fsync(self._file.fileno())
             self._file.close()
@@ -258,7 +270,8 @@ class DcpDataFile:
 
 
 def build_metadata(stored: Sequence[StoredTensor], checkpoint_id: str) -> object:
-    """torch's ``Metadata`` for tensors written whole (one chunk each), as ``FileSystemWriter.finish`` writes it."""
+    """torch's ``Metadata`` for the chunks written (by every rank), as ``FileSystemWriter.finish`` writes it:
+    each tensor's size and chunks, and where each chunk's blob is."""
     from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         ChunkStorageMetadata,
@@ -269,18 +282,22 @@ def build_metadata(stored: Sequence[StoredTensor], checkpoint_id: str) -> object
         TensorStorageMetadata,
     )
 
-    state_dict_metadata: dict[str, object] = {}
+    state_dict_metadata: dict[str, TensorStorageMetadata] = {}
     storage_data: dict[object, object] = {}
-    for item in stored:
-        zeros = torch.Size([0] * len(item.shape))
-        size = torch.Size(item.shape)
-        state_dict_metadata[item.name] = TensorStorageMetadata(
-            TensorProperties(dtype=torch_dtype(item.dtype)), size, [ChunkStorageMetadata(zeros, size)]
+    for item in sorted(stored, key=lambda i: (i.name, i.region[0])):
+        offsets, sizes = (torch.Size(r) for r in item.region)
+        entry = state_dict_metadata.get(item.name)
+        if entry is None:
+            entry = state_dict_metadata[item.name] = TensorStorageMetadata(
+                TensorProperties(dtype=torch_dtype(item.dtype)), torch.Size(item.shape), []
+            )
+        storage_data[MetadataIndex(item.name, offsets, len(entry.chunks))] = _StorageInfo(
+            item.relpath, item.offset, item.length
         )
-        storage_data[MetadataIndex(item.name, zeros, 0)] = _StorageInfo(item.relpath, item.offset, item.length)
+        entry.chunks.append(ChunkStorageMetadata(offsets, sizes))
     return Metadata(
         state_dict_metadata=state_dict_metadata,  # type: ignore[arg-type]
-        planner_data={item.name: (item.name,) for item in stored},
+        planner_data={name: (name,) for name in state_dict_metadata},
         storage_data=storage_data,
         storage_meta=StorageMeta(checkpoint_id=checkpoint_id, save_id=str(uuid.uuid4())),
         version=CURRENT_DCP_VERSION,
@@ -312,7 +329,8 @@ class DcpWriter:
 
     Args:
         path: the output folder (replaced on commit if it exists; the caller checks ``--force``).
-        tensors: the output's tensors, in the order they will be written.
+        tensors: the output's tensors (or pieces: tensors cut into chunks, ``plan.pieces``), in the order
+            they will be written.
         metadata: provenance, written to ``ckpt_ema.json``.
         options: ``verify`` reads the data file back; ``late_metadata`` values are filled in at commit.
     """
@@ -320,7 +338,7 @@ class DcpWriter:
     def __init__(
         self,
         path: Path,
-        tensors: Sequence[TensorPlan],
+        tensors: Sequence[TensorPlan | Piece],
         metadata: Mapping[str, str],
         options: WriteOptions | None = None,
     ) -> None:
@@ -356,6 +374,8 @@ class DcpWriter:
                 verify_data_file(self._data, self._data.digest.digest())
             write_provenance(self.temp, self._metadata, self._options)
             write_metadata(self.temp, self._data.stored, self.path, self._options.mode)
+            if self._options.verify:
+                verify_metadata(self.temp, self._data.stored)
             replace_folder(self.temp, self.path)
         except OSError as exc:
             self.abort()
@@ -387,6 +407,26 @@ def verify_data_file(data: DcpDataFile, digest: bytes) -> None:
                 left -= len(block)
     if read_back.digest() != digest:
         raise OutputError(f"{data.path}: --verify: the data read back differs from the data written")
+
+
+def verify_metadata(folder: Path, stored: Sequence[StoredTensor]) -> None:
+    """``--verify``: read ``.metadata`` back (with the reader's allow-list unpickler) and check that it names
+    every chunk written, where it was written, and nothing else."""
+    from ckpt_ema.io.dcp import read_metadata
+
+    path = folder / METADATA_NAME
+    metadata = read_metadata(folder)
+    found = set()
+    for key, info in metadata.storage_data.items():
+        fqn = str(getattr(key, "fqn", ""))
+        entry = metadata.state_dict_metadata.get(fqn)
+        offsets = tuple(getattr(key, "offset", None) or ())
+        sizes = next((tuple(c.sizes) for c in getattr(entry, "chunks", ()) if tuple(c.offsets) == offsets), None)
+        where = (str(getattr(info, "relative_path", "")), getattr(info, "offset", -1), getattr(info, "length", -1))
+        found.add((fqn, offsets, sizes, *where))
+    expected = {(t.name, *t.region, t.relpath, t.offset, t.length) for t in stored}
+    if found != expected:
+        raise OutputError(f"{path}: --verify: the chunks it describes differ from those written")
 
 
 def torch_dtype(name: str) -> torch.dtype:

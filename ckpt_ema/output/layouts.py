@@ -39,6 +39,7 @@ from ckpt_ema.output.writer import (
     temp_path_for,
 )
 from ckpt_ema.plan.model import OutputPlan, Plan, TensorPlan
+from ckpt_ema.plan.pieces import plan_pieces
 from ckpt_ema.series.load import checkpoint_stem
 
 FORMATS = ("safetensors", "folder", "dcp")
@@ -102,7 +103,7 @@ def open_output(
     """The sink that writes one output: a ``SafetensorsWriter``, a ``FolderWriter``, a ``DcpWriter``, or for a
     ``.ckpt`` path of Lightning inputs a ``LightningCheckpointWriter``."""
     if writes_dcp(plan, fmt):
-        return DcpWriter(path, plan.tensors, metadata, options)
+        return DcpWriter(path, plan_pieces(plan, chunked=True), metadata, options)
     if writes_folder(plan, fmt):
         return FolderWriter(path, plan, metadata, options)
     source = plan.newest.source

@@ -83,6 +83,23 @@ class OutputLock:
             os.close(fd)
 
 
+def output_locked(path: Path) -> bool:
+    """Whether some run holds output ``path``'s lock right now (without taking it for longer than a check)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(lock_path_for(path), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False  # no lock file: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock just taken
+    return False
+
+
 def _same_file(fd: int, path: Path) -> bool:
     try:
         a, b = os.fstat(fd), os.lstat(path)

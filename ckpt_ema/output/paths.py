@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
 from pathlib import Path
 
 from ckpt_ema.errors import OutputError
@@ -71,6 +70,12 @@ def folder_output_paths(plan: Plan, output: str | os.PathLike, force: bool) -> l
             "give a folder name, or pass --format safetensors for one file"
         )
     paths = [out / o.name for o in plan.outputs] if len(plan.outputs) > 1 else [out]
+    return _checked_folders(plan, paths, force, "a folder checkpoint's EMA is a folder")
+
+
+def _checked_folders(plan: Plan, paths: list[Path], force: bool, why: str) -> list[Path]:
+    """Folder outputs: never an input or a folder holding one, a file or an odd file (links, devices: see
+    ``_refuse_odd_files``), and an existing folder only with ``force`` (it is replaced whole)."""
     inputs = [c.path.resolve() for c in plan.checkpoints + plan.ignored]
     for path in paths:
         resolved = path.resolve()
@@ -79,7 +84,7 @@ def folder_output_paths(plan: Plan, output: str | os.PathLike, force: bool) -> l
                 raise OutputError(f"{path}: would replace the input {input_path}; choose another output")
         _refuse_odd_files(path, force)
         if path.exists() and not path.is_dir():
-            raise OutputError(f"{path}: is a file; a folder checkpoint's EMA is a folder")
+            raise OutputError(f"{path}: is a file; {why}")
         if path.exists() and not force:
             raise OutputError(f"{path}: already exists; pass --force to replace it")
     return paths
@@ -124,15 +129,11 @@ def paths_in_folder(plan: Plan, folder: Path, force: bool = False) -> list[Path]
     return output_paths(plan, folder, force=force)
 
 
-def sharded_output_folders(plan: Plan, output: str | os.PathLike, file_names: Sequence[str], force: bool) -> list[Path]:
-    """A distributed run's folders: ``output`` for one target, ``output/NAME`` for several, each to hold
-    ``file_names``; refuses to replace those files without ``force``, and folders inside an input."""
+def sharded_output_folders(plan: Plan, output: str | os.PathLike, force: bool) -> list[Path]:
+    """A distributed run's folders: ``output`` for one target, ``output/NAME`` for several, checked as every
+    folder output is (an existing one replaced whole, only with ``force``; never an input, a link without
+    ``force``, a device; never inside a checkpoint folder of the series)."""
     out = Path(output)
     folders = [out / o.name for o in plan.outputs] if len(plan.outputs) > 1 else [out]
-    for folder in folders:
-        if folder.exists() and not folder.is_dir():
-            raise OutputError(f"{folder}: is a file; a distributed run writes a sharded folder")
-        for name in file_names:
-            if (folder / name).exists() and not force:
-                raise OutputError(f"{folder / name}: already exists; pass --force to replace it")
-    return _outside_checkpoint_folders(plan, folders)
+    checked = _checked_folders(plan, folders, force, "a distributed run writes a folder")
+    return _outside_checkpoint_folders(plan, checked)

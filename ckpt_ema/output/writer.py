@@ -29,6 +29,7 @@ import numpy as np
 
 from ckpt_ema.errors import OutputError
 from ckpt_ema.io.safetensors_format import DTYPES, all_finite, read_header
+from ckpt_ema.output.lock import output_locked
 from ckpt_ema.plan.model import TensorPlan
 
 try:
@@ -115,7 +116,8 @@ def remove_stale_temps(folder: Path) -> list[Path]:
 
     A file is stale when nobody holds its lock (a writer holds it until it finishes; the kernel drops it
     when the process dies, even on ``kill -9``) and its process is gone or it is old (reused process id).
-    A temporary folder (a folder output being built) is stale when its process is gone. Symbolic links and
+    A temporary folder (a folder output being built) is stale when its process is gone (on this machine)
+    and nobody holds its output's lock (a distributed run's rank 0, maybe on another machine). Symbolic links and
     anything but regular files and folders are left alone.
     """
     removed = []
@@ -126,7 +128,8 @@ def remove_stale_temps(folder: Path) -> list[Path]:
         try:
             info = os.lstat(candidate)
             if stat.S_ISDIR(info.st_mode):
-                if not _process_alive(int(pid_text)):
+                output = folder / candidate.name[1:].rsplit(TEMP_MARKER, 1)[0]
+                if not _process_alive(int(pid_text)) and not output_locked(output):
                     shutil.rmtree(candidate, ignore_errors=True)
                     removed.append(candidate)
                 continue
