@@ -105,5 +105,8 @@ def _rows(tensor: TensorPlan, cuts: Sequence[int]) -> list[Piece]:
 
 def plan_pieces(plan: Plan, tensors: Sequence[TensorPlan] | None = None, chunked: bool = False) -> list[Piece]:
     """Every piece of ``tensors`` (default: the plan's), tensor by tensor in their order."""
+    tensors = plan.tensors if tensors is None else tensors
+    if not any(f.chunked is not None for c in plan.checkpoints for f in c.source.files):
+        return [whole(t) for t in tensors]  # no format with chunks: every tensor whole (the common case, fast)
     used = used_inputs(plan)
-    return [p for t in (plan.tensors if tensors is None else tensors) for p in tensor_pieces(plan, t, chunked, used)]
+    return [p for t in tensors for p in tensor_pieces(plan, t, chunked, used)]
