@@ -126,7 +126,7 @@ def test_an_interrupted_batch_is_resumed_by_running_it_again(tmp_path, runs, mon
 
 @pytest.mark.parametrize("kernel", ["torch", "auto"])
 def test_jobs_give_the_same_files(tmp_path, runs, kernel, monkeypatch):
-    monkeypatch.setenv("CKPT_EMA_KERNEL", kernel)  # torch: runs in threads; auto: numba's kernel, runs in turn
+    monkeypatch.setenv("CKPT_EMA_KERNEL", kernel)  # torch, or (auto) the fused kernel entered from two threads
     assert run("batch", *runs, "--sigma-rel", "0.05,0.1", "-o", tmp_path / "one").exit_code == 0
     assert run("batch", *runs, "--sigma-rel", "0.05,0.1", "-o", tmp_path / "two", "--jobs", "2").exit_code == 0
     for name in OFFSETS:

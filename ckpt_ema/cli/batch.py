@@ -25,7 +25,6 @@ from ckpt_ema.cli.common import (
     user_errors,
     warn,
 )
-from ckpt_ema.engine.merge_pass import choose_kernel
 from ckpt_ema.jobs.batch import RunTask, execute, prepare, run_tasks
 from ckpt_ema.plan.targets import parse_targets
 from ckpt_ema.report.escape import printable
@@ -85,11 +84,6 @@ def batch(out_root: Path, jobs: int, force: bool, quiet: bool, allow_overflow: b
             if task.error:
                 tqdm.write(printable(f"{task.name}: failed: {task.error}"), file=sys.stderr)
 
-        if jobs > 1 and choose_kernel() == "fused" and len(pending) > 1:
-            # numba's kernel already runs on every core, and its thread pool cannot be entered from two
-            # threads at once: the runs go one after another (on 2 cores about as fast as threads + torch kernel)
-            click.echo(f"note: --jobs {jobs}: the fused kernel uses every core already; runs are computed in turn", err=True)  # fmt: skip
-            jobs = 1
         if jobs == 1:
             for task in pending:
                 run(task)

@@ -1,24 +1,22 @@
 """The numba kernel behind ``fused.py`` (imported only when a fused pass runs: numba takes ~0.3 s to load).
 
-See ``fused.py`` for what it computes and in which order.
+See ``fused.py`` for what it computes and in which order. The kernel is sequential and releases the GIL:
+``fused.py`` runs it on ranges of blocks in several threads. numba's ``parallel=True`` would do the same
+split, but it made the first compilation (one per input/output dtype pair, before the cache has it) take
+2.7 times as long: about 25 s of CPU on the development machine instead of about 9 s.
 """
 
 from __future__ import annotations
 
-import os
-
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import prange, types
+from numba import types
 from numba.extending import intrinsic, overload
 
-BLOCK = 16384  # elements per block: 4 FP32 accumulators (256 KB) stay in L2; measured vs 4096 and 65536
-GROUP = 4  # inputs added per pass over an accumulator block
+from ckpt_ema.engine.fused import BLOCK
 
-# numba's own pthread pool: its OpenMP layer would be a second OpenMP runtime beside torch's, and a signal
-# at the wrong moment then ended the process in std::terminate instead of the clean exit 130/143.
-numba.config.THREADING_LAYER = "workqueue"
+GROUP = 4  # inputs added per pass over an accumulator block
 
 
 @intrinsic
@@ -264,25 +262,16 @@ def _block(addresses, like, coefs, lo, m, out, acc):
     return bad
 
 
-@numba.njit(parallel=True, fastmath={"contract"}, nogil=True, cache=True)
-def weighted_sums_kernel(addresses, like, coefs, n, out):
+@numba.njit(fastmath={"contract"}, nogil=True, cache=True)
+def weighted_sums_kernel(addresses, like, coefs, n, out, first, last):
+    """Blocks ``[first, last)`` of every target (``fused.py`` gives each thread a range of blocks)."""
     bad = 0
-    for block in prange((n + BLOCK - 1) // BLOCK):
+    acc = np.empty((4, BLOCK), dtype=np.float32)
+    for block in range(first, last):
         lo = block * BLOCK
         m = min(n, lo + BLOCK) - lo
-        acc = np.empty((4, BLOCK), dtype=np.float32)
         bad += _block(addresses, like, coefs, lo, m, out, acc)
     return bad
-
-
-def _match_threads() -> None:
-    # Under torchrun every rank gets OMP_NUM_THREADS (1 by default): use as many threads as torch would.
-    wanted = os.environ.get("OMP_NUM_THREADS", "")
-    if wanted.isdigit() and int(wanted) > 0:
-        numba.set_num_threads(min(int(wanted), numba.config.NUMBA_NUM_THREADS))
-
-
-_match_threads()
 
 
 @numba.njit(fastmath=True, nogil=True, cache=True)

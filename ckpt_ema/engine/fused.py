@@ -13,6 +13,10 @@ Inputs are BF16 or FP32 (all inputs of a call the same), outputs BF16 or FP32; B
 shift), FP32 -> BF16 rounds to nearest even like torch. Other cases go to the pure-torch path of the
 engine, which computes the same sums.
 
+The blocks of a call are split in equal ranges between :func:`threads` threads (the caller's and a
+small pool's); the kernel releases the GIL. The result does not depend on the split: each block is summed
+on its own.
+
 numba is a dependency of ckpt-ema (binary wheels for the usual platforms, no compiler needed); where it
 cannot be installed, :data:`AVAILABLE` is False and the torch kernel runs. numba and the compiled kernel
 (cached in ``__pycache__`` after the first run) are loaded on the first call, once per process.
@@ -21,12 +25,65 @@ cannot be installed, :data:`AVAILABLE` is False and the torch kernel runs. numba
 from __future__ import annotations
 
 import importlib.util
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 AVAILABLE = importlib.util.find_spec("numba") is not None  # else the torch kernel runs
 INPUT_KINDS = {"BF16": np.uint16, "F32": np.float32}
 OUTPUT_KINDS = {"BF16": np.uint16, "F32": np.float32}
+BLOCK = 16384  # elements per block: 4 FP32 accumulators (256 KB) stay in L2; measured vs 4096 and 65536
+MIN_BLOCKS_PER_THREAD = 4  # a smaller call runs in the caller's thread alone
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()  # batch --jobs calls the kernel from several threads
+
+
+def threads() -> int:
+    """Threads per call: ``OMP_NUM_THREADS`` when set (torchrun sets 1 per rank), else the usable CPUs."""
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    if wanted.isdigit() and int(wanted) > 0:
+        return int(wanted)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _workers(count: int) -> ThreadPoolExecutor:
+    """The pool of kernel threads (made on first use, larger if ``OMP_NUM_THREADS`` grew)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < count:
+            _pool, _pool_size = ThreadPoolExecutor(count, thread_name_prefix="ckpt-ema-kernel"), count
+        return _pool
+
+
+def _forget_pool() -> None:  # a forked child has none of the parent's threads
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
+def _results(futures: list[Future[int]]) -> int:
+    """The sum of every future's result, waiting for all of them even if a signal interrupts the wait:
+    the threads read the caller's buffers by address, so the call must not return while one still runs."""
+    total, interrupted = 0, None
+    for future in futures:
+        while True:
+            try:
+                total += future.result()
+                break
+            except BaseException as exc:  # KeyboardInterrupt, or the SystemExit of a SIGTERM handler
+                if future.done():
+                    raise
+                interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
+    return total
 
 
 def weighted_sums(addresses: np.ndarray, in_dtype: str, coefs: np.ndarray, n: int, out: np.ndarray) -> int:
@@ -42,7 +99,19 @@ def weighted_sums(addresses: np.ndarray, in_dtype: str, coefs: np.ndarray, n: in
     from ckpt_ema.engine._fused_numba import weighted_sums_kernel
 
     like = np.empty(0, dtype=INPUT_KINDS[in_dtype])
-    return int(weighted_sums_kernel(addresses, like, coefs, n, out))
+    blocks = -(-n // BLOCK)
+    count = max(1, min(threads(), blocks // MIN_BLOCKS_PER_THREAD))
+    bounds = [blocks * i // count for i in range(count + 1)]
+    futures = []
+    if count > 1:
+        pool = _workers(count - 1)
+        for first, last in zip(bounds[1:-1], bounds[2:]):
+            futures.append(pool.submit(weighted_sums_kernel, addresses, like, coefs, n, out, first, last))
+    try:
+        bad = int(weighted_sums_kernel(addresses, like, coefs, n, out, bounds[0], bounds[1]))
+    finally:
+        bad_elsewhere = _results(futures)
+    return bad + bad_elsewhere
 
 
 def sum_of_squares(data: memoryview, dtype: str) -> float:
