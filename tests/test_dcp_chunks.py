@@ -239,3 +239,18 @@ def test_torchrun_output_is_locked_and_odd_outputs_refused_and_strict(fsdp_serie
     done = _torchrun("-m", "ckpt_ema", "merge", fsdp_series, "--decay", "0.9", "-o", tmp_path / "link", expect=1)
     assert "is a symbolic link" in done.stderr and "which does not exist" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link"]
+
+
+@pytest.mark.parametrize(("rank", "moment"), [(1, "write"), (0, "verify")])
+def test_torchrun_one_rank_failing_leaves_the_previous_output_and_nothing_else(
+    fsdp_series: Path, tmp_path: Path, rank: int, moment: str
+) -> None:
+    out = tmp_path / "ema"
+    out.mkdir()
+    (out / "previous.txt").write_text("the previous output")
+    command = ["-m", "tests.torchrun_fault", rank, moment, "--", "merge", fsdp_series, "--decay", "0.95"]
+    done = _torchrun(*command, "-o", out, "--force", "--verify", expect=1)
+    assert f"injected failure at {moment} on rank {rank}" in done.stderr
+    assert "another rank of the distributed run failed (see its message); no output written" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema"]  # no temporary folder, no lock file left
+    assert sorted(p.name for p in out.iterdir()) == ["previous.txt"]

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from ckpt_ema.jobs.distributed import INDEX_NAME, split_pieces, split_tensors
 from ckpt_ema.plan.model import TensorPlan
-from ckpt_ema.plan.pieces import Piece
+from ckpt_ema.plan.pieces import BAND_ELEMENTS, Piece, tensor_pieces
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
@@ -33,6 +34,43 @@ def test_split_is_complete_balanced_and_in_plan_order():
             assert [t.name for t in share] == sorted(t.name for t in share)  # plan order kept
         loads = [sum(t.nbytes for t in share) for share in shares]
         assert max(loads) - min(loads) <= max(t.nbytes for t in tensors)
+
+
+class _Layouts:
+    """A stand-in plan: checkpoint j stores tensor ``t`` in the chunks ``layouts[j]`` (None: whole)."""
+
+    def __init__(self, *layouts: object) -> None:
+        self.checkpoints = [
+            SimpleNamespace(source=SimpleNamespace(chunks=lambda name, given=layout: given)) for layout in layouts
+        ]
+
+
+def _regions(pieces: list[Piece]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    return [p.region for p in pieces]
+
+
+def test_pieces_follow_the_chunk_layouts_and_assemble_only_by_bands():
+    t = TensorPlan("t", (10, 6), True, "F32")
+    rows_2 = [((0, 0), (5, 6)), ((5, 0), (5, 6))]  # dim 0 over 2 ranks
+    rows_3 = [((0, 0), (4, 6)), ((4, 0), (3, 6)), ((7, 0), (3, 6))]  # ... and over 3
+    cols = [((0, 0), (10, 3)), ((0, 3), (10, 3))]  # dim 1
+    for chunked in (False, True):
+        assert _regions(tensor_pieces(_Layouts(None, None), t, chunked, [0, 1])) == [((0, 0), (10, 6))]
+        # runs of rows, whatever the world sizes: cut where any checkpoint's chunks end, in element order
+        cuts = [0, 4, 5, 7, 10]
+        expected = [((a, 0), (b - a, 6)) for a, b in zip(cuts, cuts[1:])]
+        assert _regions(tensor_pieces(_Layouts(rows_2, rows_3, None), t, chunked, [0, 1, 2])) == expected
+    # the same chunks everywhere: chunk to chunk for a DCP output, bands (here the whole) for a safetensors one
+    assert _regions(tensor_pieces(_Layouts(cols, cols), t, True, [0, 1])) == cols
+    assert _regions(tensor_pieces(_Layouts(cols, cols), t, False, [0, 1])) == [((0, 0), (10, 6))]
+    # layouts that differ: bands of rows
+    assert _regions(tensor_pieces(_Layouts(cols, rows_2), t, True, [0, 1])) == [((0, 0), (10, 6))]
+    big = TensorPlan("big", (3 * (BAND_ELEMENTS // 1000) + 1, 1000), True, "BF16")  # 3 bands and a row
+    bands = tensor_pieces(
+        _Layouts([((0, 0), (big.shape[0], 500)), ((0, 500), (big.shape[0], 500))], None), big, True, [0, 1]
+    )
+    assert len(bands) == 4 and all(p.numel <= BAND_ELEMENTS for p in bands)
+    assert sum(p.numel for p in bands) == big.shape[0] * 1000 and bands[1].offsets == (BAND_ELEMENTS // 1000, 0)
 
 
 def test_pieces_of_one_tensor_go_to_different_ranks_and_the_split_is_complete_and_balanced():
