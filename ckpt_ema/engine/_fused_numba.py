@@ -8,6 +8,8 @@ split, but it made the first compilation (one per input/output dtype pair, befor
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -283,3 +285,49 @@ def sum_of_squares_kernel(address, like, n):  # pragma: no cover - compiled
         x = np.float64(_f32(values[i]))
         total += x * x
     return total
+
+
+@numba.njit(nogil=True, cache=True)
+def increment_products_kernel(
+    addresses, like, first, count, stride, outputs, rows, sq, cross1, cross2, distance
+):  # pragma: no cover - compiled
+    """The error estimate's sums over a sample of one chunk (see ``fused.increment_products``), in float64."""
+    n_in = addresses.shape[0]
+    last = first + (count - 1) * stride + 1
+    previous = np.empty(count, dtype=np.float64)
+    d1 = np.empty(count, dtype=np.float64)
+    d2 = np.empty(count, dtype=np.float64)
+    bad = 0
+    for j in range(n_in):
+        x = numba.carray(_pointer(addresses[j], like), last)
+        s = 0.0
+        c1 = 0.0
+        c2 = 0.0
+        for e in range(count):
+            value = np.float64(_f32(x[first + e * stride]))
+            if not math.isfinite(value):
+                bad += 1
+            if j >= 1:
+                d = value - previous[e]
+                s += d * d
+                if j >= 2:
+                    c1 += d1[e] * d
+                if j >= 3:
+                    c2 += d2[e] * d
+                d2[e] = d1[e]
+                d1[e] = d
+            previous[e] = value
+        if j >= 1:
+            sq[j - 1] += s
+        if j >= 2:
+            cross1[j - 2] += c1
+        if j >= 3:
+            cross2[j - 3] += c2
+    for k in range(rows.shape[0]):
+        row = outputs[rows[k]]
+        total = 0.0
+        for e in range(count):
+            d = np.float64(_f32(row[first + e * stride])) - previous[e]
+            total += d * d
+        distance[k] += total
+    return bad

@@ -45,6 +45,8 @@ import numpy as np
 
 from ckpt_ema.engine import fused
 from ckpt_ema.engine.readahead import OnRead, ReadAhead, SpanSchedule, read_exactly
+from ckpt_ema.engine.writebehind import DEPTH as WRITE_DEPTH
+from ckpt_ema.engine.writebehind import WriteBehind
 from ckpt_ema.errors import SettingError
 from ckpt_ema.io.identity import FileIdentity
 from ckpt_ema.io.safetensors_format import DTYPES, all_finite
@@ -55,7 +57,8 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 18  # torch kernel: 1 MB FP32 chunks stay in L2 (m
 FUSED_CHUNK_ELEMENTS = 1 << 20  # fused kernel: blocks of fused.BLOCK inside, spread over the cores
 MIN_CHUNK_ELEMENTS = 1 << 12  # a floor when there are very many checkpoints or outputs
 READ_BUDGET = 64 << 20  # bytes of read-ahead buffers: depth x checkpoints x chunk
-OUTPUT_BUDGET = 48 << 20  # bytes of output chunks: outputs x chunk
+OUTPUT_BUDGET = 48 << 20  # bytes of output chunks: buffers x outputs x chunk
+OUTPUT_BUFFERS = WRITE_DEPTH + 1  # one being computed, the others being written (engine/writebehind.py)
 READ_DEPTH = 3  # buffer sets: one being computed, two being read
 COPY_PIECE = 8 << 20  # bytes per read when a non-float tensor is copied
 KERNELS = ("auto", "fused", "torch")
@@ -257,6 +260,9 @@ class MergePass:
         self._segments = self._layout()
         self.observer = observer
         self._torch_kernel: _TorchKernel | None = None
+        self._writes = WriteBehind()
+        self._rings: dict[str, _Ring] = {}
+        self._torch_ticket: int | None = None  # the write of the torch kernel's last result
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -328,7 +334,7 @@ class MergePass:
         out_size = max((DTYPES[p.tensor.out_dtype][1] for p in self.pieces if p.tensor.is_float), default=4)
         readers = max(1, len(self.used_inputs))
         chunk = min(chunk, READ_BUDGET // (READ_DEPTH * readers * itemsize))
-        chunk = min(chunk, OUTPUT_BUDGET // (max(1, self.output_count) * max(out_size, 4)))
+        chunk = min(chunk, OUTPUT_BUDGET // (OUTPUT_BUFFERS * max(1, self.output_count) * max(out_size, 4)))
         return max(MIN_CHUNK_ELEMENTS, chunk)
 
     # -- the pass ---------------------------------------------------------------------------------------------
@@ -352,6 +358,7 @@ class MergePass:
             )
         chunks = iter(reader) if reader is not None else iter(())
         span = _Span()
+        self._writes = WriteBehind()
         try:
             index = 0
             for kind, item in self._segments:
@@ -378,9 +385,33 @@ class MergePass:
                     self._copy_newest(piece)
                 yield self._bytes_read(piece.flat)
             yield from self._flush(span)
+            self._writes.drain()
         finally:
+            self._writes.close()
             if reader is not None:
                 reader.close()
+
+    def close(self) -> None:
+        """Stop writing: the write thread ends after its current call (an abort; safe at any time)."""
+        self._writes.close()
+
+    def _write(self, pieces: _Pieces, outputs: np.ndarray, start: int, size: int) -> int:
+        """Hand ``outputs[:, :size]`` (elements ``start:`` of the span) to the sinks, in the write thread."""
+        return self._writes.submit(lambda: pieces.write(outputs, start, size))
+
+    def _ring(self, out_name: str, chunk: int) -> _Ring:
+        ring = self._rings.get(out_name)
+        if ring is None or ring.chunk < chunk:
+            if ring is not None:
+                ring.wait_all(self._writes)
+            ring = self._rings[out_name] = _Ring(self.output_count, chunk, DTYPES[out_name][0])
+        return ring
+
+    def _torch_run(
+        self, kernel: _TorchKernel, inputs: Sequence[np.ndarray], dtypes: Sequence[str]
+    ) -> tuple[np.ndarray, bool, np.ndarray | None]:
+        self._writes.wait_for(self._torch_ticket)  # the kernel reuses its result buffer
+        return kernel.run(inputs, dtypes)
 
     def input_files(self) -> list[tuple[Any, FileIdentity | None]]:
         """(path, identity when planned) of every file the pass reads with the read-ahead."""
@@ -406,17 +437,25 @@ class MergePass:
         tensor = piece.tensor
         where = self._locate(newest, piece)
         if where is None:
-            data = self._view(newest, piece)
-            for sink in self.sinks:
-                sink.write(tensor.name, data)
+            self._write_all(tensor.name, self._view(newest, piece))
             return
         file, begin, end, dtype = where
         storage, itemsize, _ = DTYPES[dtype]
         step = max(itemsize, COPY_PIECE // itemsize * itemsize)
         for start in range(begin, end, step):
             raw = read_exactly(self._paths[file], self._identities[file], start, min(step, end - start))
-            for sink in self.sinks:
-                sink.write(tensor.name, raw.view(storage))
+            self._write_all(tensor.name, raw.view(storage))
+
+    def _write_all(self, name: str, data: np.ndarray) -> None:
+        """Every sink's ``write(name, data)`` in the write thread, waited for (``data`` may be a reader's
+        memory, valid only now; these are non-float tensors, few bytes)."""
+        sinks = self.sinks
+
+        def task() -> None:
+            for sink in sinks:
+                sink.write(name, data)
+
+        self._writes.wait_for(self._writes.submit(task))
 
     def _merge_located(
         self, span: _Located, schedule: SpanSchedule, reader: ReadAhead, chunks: Iterator[tuple[int, int, int]]
@@ -426,28 +465,29 @@ class MergePass:
         out_name = span.tensors[0].out_dtype
         use_fused = self.kernel == "fused" and in_name in fused.INPUT_KINDS and out_name in fused.OUTPUT_KINDS
         pieces = _Pieces(span.tensors, self.sinks, self.rows_sink)
-        out = np.empty((self.output_count, schedule.chunk), dtype=DTYPES[out_name][0]) if use_fused else None
+        ring = self._ring(out_name, schedule.chunk) if use_fused else None
         for c in range(schedule.chunks):
             _, _, slot = next(chunks)
             rows = reader.rows(slot)
             start = c * schedule.chunk
             size = min(span.numel, start + schedule.chunk) - start
             inputs = [rows[j, : size * DTYPES[d][1]].view(DTYPES[d][0]) for j, d in enumerate(span.in_dtypes)]
-            if out is not None and in_name is not None:
+            if ring is not None and in_name is not None:
+                out = ring.next(self._writes)
                 addresses = np.array([x.ctypes.data for x in inputs], dtype=np.int64)
                 bad = fused.weighted_sums(addresses, in_name, self._coefs32, size, out)
                 if bad:
                     self._find_non_finite(span.tensors, [[x] for x in inputs], start, start + size, chunk_start=start)
-                pieces.write(out, start, size)
+                ring.used(self._write(pieces, out, start, size))
                 if self.chunk_sink is not None:
                     self.chunk_sink.write_chunk(inputs, span.in_dtypes, out, out_name, size)
             else:
-                result, finite, lost = self._torch(out_name, schedule.chunk).run(inputs, span.in_dtypes)
+                result, finite, lost = self._torch_run(self._torch(out_name, schedule.chunk), inputs, span.in_dtypes)
                 if not finite:
                     self._find_non_finite(span.tensors, [[x] for x in inputs], start, start + size, chunk_start=start)
                 if lost is not None:
                     self._count_overflow(span.tensors, start, lost)
-                pieces.write(result, start, size)
+                self._torch_ticket = self._write(pieces, result, start, size)
                 if self.chunk_sink is not None:
                     self.chunk_sink.write_chunk(inputs, span.in_dtypes, result, out_name, size)
 
@@ -460,19 +500,20 @@ class MergePass:
         in_name = in_names.pop() if len(in_names) == 1 else None
         use_fused = self.kernel == "fused" and in_name in fused.INPUT_KINDS and out_name in fused.OUTPUT_KINDS
         chunk = min(self.chunk_elements or (FUSED_CHUNK_ELEMENTS if use_fused else DEFAULT_CHUNK_ELEMENTS), span.numel)
-        chunk = min(chunk, max(MIN_CHUNK_ELEMENTS, OUTPUT_BUDGET // (max(1, self.output_count) * 4)))
+        chunk = min(chunk, max(MIN_CHUNK_ELEMENTS, OUTPUT_BUDGET // (OUTPUT_BUFFERS * max(1, self.output_count) * 4)))
         pieces = _Pieces(span.tensors, self.sinks, self.rows_sink)
         views = [list(v) for v in span.views]
         if use_fused and in_name is not None:
-            out = np.empty((self.output_count, chunk), dtype=DTYPES[out_name][0])
+            ring = self._ring(out_name, chunk)
             bases = np.array([x.ctypes.data for x in inputs], dtype=np.int64)
             step = inputs[0].itemsize
             for start in range(0, span.numel, chunk):
                 size = min(span.numel, start + chunk) - start
+                out = ring.next(self._writes)
                 bad = fused.weighted_sums(bases + step * start, in_name, self._coefs32, size, out)
                 if bad:
                     self._find_non_finite(span.tensors, views, start, start + size)
-                pieces.write(out, start, size)
+                ring.used(self._write(pieces, out, start, size))
                 if self.chunk_sink is not None:
                     self.chunk_sink.write_chunk(
                         [x[start : start + size] for x in inputs], in_dtypes, out, out_name, size
@@ -482,12 +523,12 @@ class MergePass:
         for start in range(0, span.numel, chunk):
             stop = min(span.numel, start + chunk)
             chunk_inputs = [x[start:stop] for x in inputs]
-            result, finite, lost = kernel.run(chunk_inputs, in_dtypes)
+            result, finite, lost = self._torch_run(kernel, chunk_inputs, in_dtypes)
             if not finite:
                 self._find_non_finite(span.tensors, views, start, stop)
             if lost is not None:
                 self._count_overflow(span.tensors, start, lost)
-            pieces.write(result, start, stop - start)
+            self._torch_ticket = self._write(pieces, result, start, stop - start)
             if self.chunk_sink is not None:
                 self.chunk_sink.write_chunk(chunk_inputs, in_dtypes, result, out_name, stop - start)
 
@@ -609,6 +650,30 @@ class _TorchKernel:
                 if bool(overflowed.any()):
                     lost = overflowed.sum(dim=0).numpy()
         return self.to_numpy(full).reshape(outputs, self.chunk)[:, :size], finite, lost
+
+
+class _Ring:
+    """Output buffers used in turn: a buffer is computed into again only once its last write is done."""
+
+    def __init__(self, outputs: int, chunk: int, storage: type) -> None:
+        self.chunk = chunk
+        self.buffers: list[np.ndarray] = [np.empty((outputs, chunk), dtype=storage) for _ in range(OUTPUT_BUFFERS)]
+        self.tickets: list[int | None] = [None] * len(self.buffers)
+        self.turn = 0
+
+    def next(self, writes: WriteBehind) -> np.ndarray:
+        """The next buffer, once free."""
+        self.turn = (self.turn + 1) % len(self.buffers)
+        writes.wait_for(self.tickets[self.turn])
+        return self.buffers[self.turn]
+
+    def used(self, ticket: int) -> None:
+        """The buffer ``next`` returned is being written by task ``ticket``."""
+        self.tickets[self.turn] = ticket
+
+    def wait_all(self, writes: WriteBehind) -> None:
+        for ticket in self.tickets:
+            writes.wait_for(ticket)
 
 
 class _Pieces:

@@ -31,6 +31,7 @@ ALIGN = 64  # each row of a buffer set starts on a cache line
 MAX_OPEN = 256  # files kept open by the readers (more checkpoints: opened per read), and at most a
 # quarter of the process's limit on open files
 _FADVISE = getattr(os, "posix_fadvise", None)  # bound once (POSIX only)
+PREFETCH = 8  # chunks past the one being read whose bytes the disk is asked for (POSIX_FADV_WILLNEED)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,20 @@ class _Files:
                 done += count
         except OSError as exc:
             raise InputError(f"{self.paths[file]}: cannot read ({exc.strerror or exc})") from None
+        finally:
+            if not keep:
+                os.close(fd)
+
+    def prefetch(self, file: int, offset: int, nbytes: int) -> None:
+        """Ask the kernel to read bytes ``[offset, offset + nbytes)`` into the page cache, without waiting:
+        the disk works on the chunks ahead while the reader copies, hashes or waits for the consumer."""
+        if _FADVISE is None or nbytes <= 0:
+            return
+        fd, keep = self._get(file)
+        try:
+            _FADVISE(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # only a hint
         finally:
             if not keep:
                 os.close(fd)
@@ -232,10 +247,20 @@ class ReadAhead:
         self._workers = []
         self.files.close()
 
+    def _prefetch(self, mine: range, position: int) -> None:
+        if position < len(self._order):
+            s, c = self._order[position]
+            for j in mine:
+                piece = self.spans[s].piece(j, c)
+                self.files.prefetch(piece.file, piece.offset, piece.nbytes)
+
     def _read(self, t: int) -> None:
         mine = range(t, self.checkpoints, self.threads)
         try:
+            for position in range(PREFETCH):
+                self._prefetch(mine, position)
             for position, (s, c) in enumerate(self._order):
+                self._prefetch(mine, position + PREFETCH)
                 with self._cond:
                     while self._released < position - self.depth + 1 and not self._stop:
                         self._cond.wait()

@@ -239,6 +239,9 @@ class ShardedMerge:
 
     def abort(self) -> None:
         """Remove this rank's files; rank 0 also the temporary folders, and releases the locks."""
+        merge_pass = getattr(self, "merge_pass", None)
+        if merge_pass is not None:
+            merge_pass.close()  # its write thread stops before the files are closed under it
         for writer in self.writers:
             writer.abort()
         if self.rank == 0:

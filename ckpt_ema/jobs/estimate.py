@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from ckpt_ema.engine import fused
 from ckpt_ema.engine.merge_pass import MergePass, used_inputs
 from ckpt_ema.io.safetensors_format import to_float
 from ckpt_ema.math import ema as kernels
@@ -22,6 +23,7 @@ from ckpt_ema.math import windows
 from ckpt_ema.plan.model import OutputPlan, Plan
 
 SAMPLE_ELEMENTS = 1 << 22  # elements of every checkpoint the statistics look at (all of them below this)
+BATCH = 1 << 18  # sampled elements gathered (per checkpoint and output) before the statistics run on them
 
 
 def not_estimated(plan: Plan, method: str) -> str | None:
@@ -85,17 +87,17 @@ class EstimateGatherer:
         self._rows = list(result_rows) if result_rows is not None else list(range(len(plan.outputs)))
         total = sum(int(np.prod(t.shape)) for t in plan.tensors if t.is_float)
         self.stride = max(1, -(-total // SAMPLE_ELEMENTS))
-        self.sq = np.zeros(max(n - 1, 0))
-        self.cross1 = np.zeros(max(n - 1, 0))
-        self.cross2 = np.zeros(max(n - 1, 0))
+        self._sq = np.zeros(max(n - 1, 0))
+        self._cross1 = np.zeros(max(n - 1, 0))
+        self._cross2 = np.zeros(max(n - 1, 0))
         # a checkpoint the pass does not read (coefficient 0 everywhere): its increments are unknown
         for j in range(n - 1):
             if self._position[j] is None or self._position[j + 1] is None:
-                self.sq[j] = np.nan
-                self.cross1[max(j - 1, 0) : j + 1] = np.nan
-                self.cross2[max(j - 2, 0) : j + 1] = np.nan
-        self.distance_sq = np.zeros(len(plan.outputs))
-        self.bias_sq = np.zeros(len(plan.outputs))
+                self._sq[j] = np.nan
+                self._cross1[max(j - 1, 0) : j + 1] = np.nan
+                self._cross2[max(j - 2, 0) : j + 1] = np.nan
+        self._distance_sq = np.zeros(len(plan.outputs))
+        self._bias_sq = np.zeros(len(plan.outputs))
         matrix = plan.coefficient_matrix()
         # hold (or any non-linear) interpolation: the difference from the linear result is a known bias
         self.bias_rows = {
@@ -107,6 +109,41 @@ class EstimateGatherer:
             self.reasons = [r or "the last checkpoint is not read" for r in self.reasons]
         self._seen = 0  # float elements passed so far: the sample is every stride-th of them
         self._bad = False  # a sampled value was NaN or Inf
+        # the sampled values waiting for the statistics, copied from the chunks (one dtype per batch)
+        self._batch_inputs: list[np.ndarray | None] = []
+        self._batch_outputs: list[np.ndarray] = []
+        self._batch_kinds: tuple[tuple[str, ...], str] | None = None
+        self._filled = 0
+
+    @property
+    def sq(self) -> np.ndarray:
+        """Per gap j the sampled sum of ||d_j||^2 (after the batch waiting is added)."""
+        self.flush()
+        return self._sq
+
+    @property
+    def cross1(self) -> np.ndarray:
+        """Per gap the sampled sum of <d_j, d_{j+1}> (after the batch waiting is added)."""
+        self.flush()
+        return self._cross1
+
+    @property
+    def cross2(self) -> np.ndarray:
+        """Per gap the sampled sum of <d_j, d_{j+2}> (after the batch waiting is added)."""
+        self.flush()
+        return self._cross2
+
+    @property
+    def distance_sq(self) -> np.ndarray:
+        """Per output the sampled ||R - theta(T)||^2 (after the batch waiting is added)."""
+        self.flush()
+        return self._distance_sq
+
+    @property
+    def bias_sq(self) -> np.ndarray:
+        """Per output the sampled squared bias of a non-linear interpolation (after the batch waiting is added)."""
+        self.flush()
+        return self._bias_sq
 
     @property
     def needed(self) -> bool:
@@ -116,15 +153,86 @@ class EstimateGatherer:
     def write_chunk(
         self, inputs: Sequence[np.ndarray], in_dtypes: Sequence[str], outputs: np.ndarray, out_dtype: str, size: int
     ) -> None:
-        """A chunk of the pass (a ``ChunkSink``): its sampled elements' increments, distances and bias."""
+        """A chunk of the pass (a ``ChunkSink``): its sampled elements are copied into the batch; the
+        statistics (increments, distances, bias) run on a full batch, a few numpy calls per batch instead of
+        per chunk (they cost as much as the kernel when run per chunk)."""
         first = (-self._seen) % self.stride
         self._seen += size
         if first >= size:
             return
         index = slice(first, size, self.stride)
+        count = len(range(first, size, self.stride))
+        kinds = (tuple(in_dtypes), out_dtype)
+        if self._compiled(in_dtypes, outputs, out_dtype):
+            self.flush()
+            addresses = np.array([inputs[p].ctypes.data for p in self._position if p is not None], dtype=np.int64)
+            rows = np.array([r for k, r in enumerate(self._rows) if self.reasons[k] is None], dtype=np.int64)
+            distance = np.zeros(len(rows))
+            sums = (self._sq, self._cross1, self._cross2, distance)
+            bad = fused.increment_products(
+                addresses, in_dtypes[0], range(first, size, self.stride), outputs, rows, sums
+            )
+            self._bad = self._bad or bad > 0
+            self._distance_sq[[k for k, _ in enumerate(self._rows) if self.reasons[k] is None]] += distance
+            return
+        if self._filled and (kinds != self._batch_kinds or self._filled + count > BATCH):
+            self.flush()
+        if count > BATCH:  # a sample larger than a batch: straight to the statistics
+            self._statistics([inputs[p][index] if p is not None else None for p in self._position], in_dtypes,
+                             [outputs[row, :size][index] for row in self._rows], out_dtype)  # fmt: skip
+            return
+        if not self._filled:
+            self._batch_kinds = kinds
+            self._batch_inputs = [
+                np.empty(BATCH, dtype=inputs[p].dtype) if p is not None else None for p in self._position
+            ]
+            self._batch_outputs = [np.empty(BATCH, dtype=outputs.dtype) for _ in self._rows]
+        lo, hi = self._filled, self._filled + count
+        for p, batch in zip(self._position, self._batch_inputs):
+            if p is not None and batch is not None:
+                batch[lo:hi] = inputs[p][index]
+        for row, batch in zip(self._rows, self._batch_outputs):
+            batch[lo:hi] = outputs[row, :size][index]
+        self._filled = hi
+
+    def _compiled(self, in_dtypes: Sequence[str], outputs: np.ndarray, out_dtype: str) -> bool:
+        """Whether the numba kernel computes this chunk's sums: one input dtype it knows, every checkpoint
+        read, no interpolation bias to add (else numpy, in batches)."""
+        return (
+            fused.AVAILABLE
+            and not self.bias_rows
+            and None not in self._position
+            and len(set(in_dtypes)) == 1
+            and in_dtypes[0] in fused.INPUT_KINDS
+            and out_dtype in fused.OUTPUT_KINDS
+            and outputs.dtype == fused.OUTPUT_KINDS[out_dtype]
+        )
+
+    def flush(self) -> None:
+        """Run the statistics on the sampled values gathered so far (the pass's end calls it via ``model``)."""
+        if not self._filled or self._batch_kinds is None:
+            return
+        n, (in_dtypes, out_dtype) = self._filled, self._batch_kinds
+        self._filled = 0
+        self._statistics(
+            [b[:n] if b is not None else None for b in self._batch_inputs],
+            in_dtypes,
+            [b[:n] for b in self._batch_outputs],
+            out_dtype,
+        )
+
+    def _statistics(
+        self,
+        samples: Sequence[np.ndarray | None],
+        in_dtypes: Sequence[str],
+        results: Sequence[np.ndarray],
+        out_dtype: str,
+    ) -> None:
+        """Add the sampled values' products: ``samples`` per checkpoint of the series (None: not read), in
+        the pass's input dtypes; ``results[k]`` those of row ``self._rows[k]``."""
         x = [
-            to_float(inputs[p][index], in_dtypes[p]).astype(np.float64) if p is not None else None
-            for p in self._position
+            to_float(value, in_dtypes[p]).astype(np.float64) if value is not None and p is not None else None
+            for value, p in zip(samples, self._position)
         ]
         self._bad = self._bad or not all(np.isfinite(v).all() for v in x if v is not None)
         previous: np.ndarray | None = None
@@ -132,38 +240,42 @@ class EstimateGatherer:
         for j, value in enumerate(x):
             d = value - previous if value is not None and previous is not None else None
             if j >= 1 and d is not None:
-                self.sq[j - 1] += float((d * d).sum())
+                self._sq[j - 1] += float((d * d).sum())
                 if d1 is not None:
-                    self.cross1[j - 2] += float((d1 * d).sum())
+                    self._cross1[j - 2] += float((d1 * d).sum())
                 if d2 is not None:
-                    self.cross2[j - 3] += float((d2 * d).sum())
+                    self._cross2[j - 3] += float((d2 * d).sum())
             if j >= 1:
                 d2, d1 = d1, d
             previous = value
         last = x[-1]
         if last is None:
             return
-        for k, row in enumerate(self._rows):
+        for k, _row in enumerate(self._rows):
             if self.reasons[k] is None:
-                result = to_float(outputs[row, :size][index], out_dtype).astype(np.float64)
-                self.distance_sq[k] += float(((result - last) ** 2).sum())
+                result = to_float(results[k], out_dtype).astype(np.float64)
+                self._distance_sq[k] += float(((result - last) ** 2).sum())
         for k, coefficients in self.bias_rows.items():
             bias = sum(float(c) * v for c, v in zip(coefficients, x) if v is not None and c != 0.0)
-            self.bias_sq[k] += float((np.asarray(bias) ** 2).sum())
+            self._bias_sq[k] += float((np.asarray(bias) ** 2).sum())
 
     def model(self) -> est.Variogram:
         """The variogram of the series fitted to the gathered increments (after the pass)."""
+        self.flush()
         steps = [c.step for c in self.plan.checkpoints]
         s = self.stride
-        return est.fit_variogram(est.IncrementStats.from_products(steps, self.sq * s, self.cross1 * s, self.cross2 * s))
+        return est.fit_variogram(
+            est.IncrementStats.from_products(steps, self._sq * s, self._cross1 * s, self._cross2 * s)
+        )
 
     def estimates(self) -> list[est.Estimate | None]:
         """Each output's estimate (None where ``reasons`` says why not), after the pass."""
+        self.flush()
         if all(r is not None for r in self.reasons):
             return [None] * len(self.plan.outputs)
         steps = [c.step for c in self.plan.checkpoints]
         s = self.stride
-        if self._bad or not (np.isfinite(self.distance_sq).all() and np.isfinite(self.bias_sq).all()):
+        if self._bad or not (np.isfinite(self._distance_sq).all() and np.isfinite(self._bias_sq).all()):
             self.reasons = [r or "the checkpoints hold NaN or Inf values" for r in self.reasons]
             return [None] * len(self.plan.outputs)
         model = self.model()
@@ -174,7 +286,7 @@ class EstimateGatherer:
                 continue
             cumulative = _cumulative(self.plan, output)
             e = est.estimate(
-                steps, output.coefficients, cumulative, model, self.distance_sq[k] * s, self.bias_sq[k] * s
+                steps, output.coefficients, cumulative, model, self._distance_sq[k] * s, self._bias_sq[k] * s
             )
             before = float(cumulative(np.array([float(steps[0])]))[0])
             if output.method == "power" and steps[0] > 0 and before > 0.01:

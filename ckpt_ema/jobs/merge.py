@@ -255,6 +255,9 @@ class MergeJob:
         """
         if self.hasher is not None:
             self.hasher.cancel()
+        merge_pass = getattr(self, "merge_pass", None)
+        if merge_pass is not None:
+            merge_pass.close()  # its write thread stops before the files are closed under it
         for writer in self.writers:
             writer.abort()
         for path, lock in zip(self.paths, self._locks):

@@ -40,6 +40,8 @@ except ImportError:  # Windows: stale temporary files are recognised by their pr
 TEMP_MARKER = ".ckpt-ema-tmp-"
 STALE_SECONDS = 600  # an unlocked temporary file this old is stale even if its process id was reused
 VERIFY_CHUNK = 8 << 20
+WRITEBACK = 64 << 20  # bytes written after which the kernel is asked to start writing them to the disk
+_FADVISE = getattr(os, "posix_fadvise", None)
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library refuses longer headers (HeaderTooLarge)
 DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
@@ -274,6 +276,8 @@ class SafetensorsWriter:
         self._written = 0
         self._skip_empty()
         self.total_bytes = len(header) + sum(self._sizes)
+        self._position = len(header)  # bytes in the file so far
+        self._flushed = [0, 0]  # where the last two writebacks started
         self._digest = hashlib.sha256() if self._options.verify else None
         self._file = None
         try:
@@ -305,6 +309,9 @@ class SafetensorsWriter:
             raise self._os_error("write failed", exc) from None
         if self._digest is not None:
             self._digest.update(view)
+        self._position += view.nbytes
+        if self._position - self._flushed[1] >= WRITEBACK:
+            self._start_writeback()
         self._written += view.nbytes
         if self._written > self._sizes[self._index]:
             raise RuntimeError(f"tensor {name!r}: more bytes written than its shape holds")
@@ -312,6 +319,17 @@ class SafetensorsWriter:
             self._index += 1
             self._written = 0
             self._skip_empty()
+
+    def _start_writeback(self) -> None:
+        """Start writing what was written so far to the disk, without waiting (POSIX_FADV_DONTNEED writes
+        dirty pages back and drops the clean ones): the disk writes the output while the merge reads, instead
+        of all of it in the final fsync, and the page cache does not fill up with the output (the range starts
+        at the previous call's, whose pages are written by now and are dropped)."""
+        if _FADVISE is not None:
+            start = self._flushed[0]
+            with contextlib.suppress(OSError):
+                _FADVISE(self._file.fileno(), start, self._position - start, os.POSIX_FADV_DONTNEED)  # type: ignore[union-attr]
+        self._flushed = [self._flushed[1], self._position]
 
     def _skip_empty(self) -> None:
         while self._index < len(self._sizes) and self._sizes[self._index] == 0:
