@@ -312,7 +312,8 @@ def main_table(series: Path, paths: list[Path], warm_out: Path, cold_out: Path, 
     if not args.no_cold:
         cold_repeat = max(1, min(repeat, 2))
         row("cat (cold)", best(cold_repeat, cat_pass, paths, cold=paths)[0], mode="cold")
-        row("engine 1 (cold)", best(cold_repeat, engine_pass, series, TARGETS[1], cold=paths)[0], mode="cold")
+        for n in (1, 4, 16):
+            row(f"engine {n} (cold)", best(cold_repeat, engine_pass, series, TARGETS[n], cold=paths)[0], mode="cold")
         for n in (1, 4, 16):
             for flags in ([], ["--no-hash"]):
                 label = f"ckpt-ema {n}{' --no-hash' if flags else ''} (cold)"
