@@ -54,6 +54,12 @@ from ckpt_ema.report.text import (
     help="Output as one .safetensors file, as a folder like the inputs, or as a torch.distributed.checkpoint "
     "folder (default: like the inputs; DCP for DCP inputs).",
 )
+@click.option(
+    "--max-shard-size",
+    metavar="SIZE",
+    help="DCP and DeepSpeed checkpoints written as safetensors into a folder: the largest shard of the "
+    "Hugging Face folder (model-0000K-of-0000N.safetensors + index), e.g. 500MB, 2GiB [default: 5GB].",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @click.option(
     "--verify",
@@ -96,6 +102,7 @@ def merge(
     allow_overflow: bool,
     hash_algorithm: str,
     estimate: bool,
+    max_shard_size: str | None,
     **options: Any,
 ) -> None:
     """Write the EMA of a checkpoint series for each target, in one pass over the files.
@@ -108,6 +115,8 @@ def merge(
     """
     plan = plan_from(options)
     if distributed.is_distributed():  # under torchrun: this rank's share, as one shard per target
+        if max_shard_size is not None:  # each rank writes one shard of its own
+            raise click.UsageError("--max-shard-size: not available under torchrun yet (each rank writes one shard)")
         sharded = _merge_distributed(plan, output, force, quiet, fmt, verify, strict, allow_overflow)
         if sharded.rank == 0 and options["as_json"]:  # one document for the whole run
             reasons: list[str | None] = ["not computed under torchrun"] * len(plan.outputs)
@@ -122,7 +131,7 @@ def merge(
 
     job = MergeJob(
         plan, paths, on_warning=warn, fmt=fmt, verify=verify, strict=strict, hash_inputs=hash_inputs,
-        allow_overflow=allow_overflow, hash_algorithm=hash_algorithm, estimate=estimate,
+        allow_overflow=allow_overflow, hash_algorithm=hash_algorithm, estimate=estimate, max_shard_size=max_shard_size,
     )  # fmt: skip
     with job:
         run_pass(job, job.total_bytes, "merge", quiet)

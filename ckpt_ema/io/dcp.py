@@ -31,6 +31,7 @@ the folder name (``step-1000``, ``iter_0001000``) is read by the series as for e
 from __future__ import annotations
 
 import io
+import json
 import math
 import mmap
 import os
@@ -87,6 +88,9 @@ MODEL_KEY = "model"
 WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 STEP_KEYS = ("train_state.step", "trainer.global_step", "train_state.global_step", "iteration")
 MAX_METADATA_BYTES = 1 << 30
+MEGATRON_FILES = ("common.pt", "metadata.json")
+HF_SUFFIXES = (".json", ".txt", ".jinja")  # config.json, generation_config.json, tokenizer files, merges.txt
+HF_NAMES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
 def is_dcp_folder(path: Path) -> bool:
@@ -692,14 +696,49 @@ def open_dcp(path: Path) -> CheckpointSource:
     source.output_format = "dcp"
     source.ignored = ignored
     source.notes = notes
+    source.exports_folder = True
     other = [p.name for p in sorted(path.iterdir()) if p.name != METADATA_NAME and p.name not in data_files]
+    megatron = is_megatron_folder(path)
+    if megatron:
+        source.notes.append(
+            f"Megatron-core dist_checkpointing ({megatron}): {', '.join(MEGATRON_FILES)} copied into a DCP output"
+        )
     for name in other:
-        reason = "holds only ignored entries" if name.endswith(".distcp") else "not part of the DCP checkpoint"
-        source.ignored.append(FileNote(name, reason))
+        if name in MEGATRON_FILES and megatron or name not in MEGATRON_FILES and _hf_file(path / name):
+            source.copied.append(name)
+        elif name.endswith(".distcp"):
+            source.ignored.append(FileNote(name, "holds only ignored entries"))
+        else:
+            source.ignored.append(FileNote(name, "not part of the DCP checkpoint"))
     record = _step_record(path, metadata)
     if record is not None:
         source.step_records.append(record)
     return source
+
+
+def is_megatron_folder(path: Path) -> str | None:
+    """The ``sharded_backend`` of a Megatron-core ``dist_checkpointing`` folder (``torch_dist``), else None.
+
+    Megatron-core's ``dist_checkpointing.save`` (``serialization.py``; 0.16.1) writes, beside torch's DCP files,
+    ``metadata.json`` (``CheckpointingConfig``: ``{"sharded_backend": "torch_dist", ...}``, ``core.py``) and
+    ``common.pt`` (``torch.save`` of the non-sharded part of the state: ``args``, ``iteration``, ...), which
+    its ``load`` reads first. ``metadata.json`` is small JSON and is read here; ``common.pt`` is never loaded.
+    """
+    config = path / "metadata.json"
+    try:
+        if not config.is_file() or config.stat().st_size > 1 << 16 or not (path / "common.pt").is_file():
+            return None
+        loaded = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    backend = loaded.get("sharded_backend") if isinstance(loaded, dict) else None
+    return backend if isinstance(backend, str) else None
+
+
+def _hf_file(path: Path) -> bool:
+    """A Hugging Face file beside the weights (``config.json``, tokenizer files): copied into a safetensors
+    export, which ``from_pretrained`` then loads."""
+    return path.is_file() and (path.suffix in HF_SUFFIXES or path.name in HF_NAMES)
 
 
 def _byte_ranges(folder: Path, tensors: Mapping[str, DcpTensor]) -> dict[str, TensorInfo]:

@@ -372,6 +372,7 @@ def open_deepspeed(path: Path) -> CheckpointSource:
     else:
         kind = "module weights"
     source = CheckpointSource(path, f"DeepSpeed checkpoint ({kind})", [Part("", weight_files)])
+    source.exports_folder = True
     module_dtypes = sorted({dtype_name(v.dtype) or "?" for v in layout.module.values() if isinstance(v, torch.Tensor)})
     if layout.fp32:
         source.notes.append(

@@ -176,6 +176,8 @@ class CheckpointSource:
         format: a short description (``"safetensors file"``, ``"Hugging Face folder, 3 shards"``, ...).
         is_folder: a folder checkpoint (its output is a folder mirroring it).
         output_format: the output format by default when it is neither of those (``"dcp"`` for DCP folders).
+        exports_folder: a model with no Hugging Face layout of its own (DCP, DeepSpeed): its safetensors output
+            is a Hugging Face folder (``model.safetensors``, or shards and an index), unless ``-o`` names a file.
         parts: the models it holds, each with its weight files.
         step_records: steps the trainer recorded outside safetensors metadata, as ``(source, step)``.
         ignored: files not read, and why; copied: files copied unchanged to a folder output.
@@ -195,6 +197,7 @@ class CheckpointSource:
         self.parts = parts
         self.is_folder = is_folder
         self.output_format: str | None = None
+        self.exports_folder = False
         self.metadata: dict[str, str] = dict(metadata or {})
         self.step_records: list[tuple[str, int]] = []
         self.ignored: list[FileNote] = []

@@ -28,9 +28,10 @@ from ckpt_ema.jobs.integrity import (
     hash_key,
 )
 from ckpt_ema.math.estimate import Estimate
-from ckpt_ema.output.layouts import open_output, output_metadata, writes_dcp
+from ckpt_ema.output.layouts import open_output, output_metadata, writes_dcp, writes_export_folder
 from ckpt_ema.output.lock import OutputLock
 from ckpt_ema.output.paths import output_mode, output_paths
+from ckpt_ema.output.shards import DEFAULT_MAX_SHARD_BYTES, parse_size
 from ckpt_ema.output.writer import (
     OutputWriter,
     WriteOptions,
@@ -161,7 +162,9 @@ class MergeJob:
     the pass runs at the engine's speed. ``verify``: each file is read back and
     checked before it replaces anything. ``strict``: every warning is an error (``StrictError``) and
     nothing is written. Values beyond the output dtype's range (``--dtype fp16`` of large weights) are
-    refused at commit, naming the tensors, unless ``allow_overflow`` (then a warning). ``estimate``: the
+    refused at commit, naming the tensors, unless ``allow_overflow`` (then a warning). ``max_shard_size``
+    (``"5GB"``, bytes): the largest shard of a Hugging Face folder exported from DCP or DeepSpeed checkpoints
+    (default 5GB; refused for other outputs). ``estimate``: the
     statistics of the error estimate are gathered in the same pass (docs/estimate.md); ``estimates()`` after.
     """
 
@@ -178,6 +181,7 @@ class MergeJob:
         allow_overflow: bool = False,
         hash_algorithm: str | None = None,
         estimate: bool = True,
+        max_shard_size: str | int | None = None,
     ) -> None:
         self.paths = list(paths)
         gatherer = EstimateGatherer(plan) if estimate else None
@@ -190,6 +194,12 @@ class MergeJob:
         self.hasher: InputHasher | None = None
         self.writers: list[OutputWriter] = []
         self._locks = [OutputLock(path) for path in self.paths]
+        shard_bytes = DEFAULT_MAX_SHARD_BYTES if max_shard_size is None else parse_size(max_shard_size)
+        if max_shard_size is not None and not any(writes_export_folder(plan, fmt, p) for p in self.paths):
+            raise OutputError(
+                "--max-shard-size: applies to the Hugging Face folders exported from DCP and DeepSpeed checkpoints "
+                "(folder inputs keep the newest checkpoint's shards; a .safetensors output is one file)"
+            )
         _LIVE.add(self)
         try:  # from here on, anything raised (an error, a signal) removes what this job created
             for warning in plan.warnings if strict else ():
@@ -206,8 +216,9 @@ class MergeJob:
             algorithm = self.hasher.algorithm if self.hasher else ""
             late = {hash_key(i, algorithm): HASH_WIDTH for i in self.hasher.hashed} if self.hasher else {}
             options = WriteOptions(
-                verify=verify, late_metadata=late, late_values=self._input_hashes, mode=output_mode(plan)
-            )
+                verify=verify, late_metadata=late, late_values=self._input_hashes, mode=output_mode(plan),
+                max_shard_bytes=shard_bytes,
+            )  # fmt: skip
             metadata = [output_metadata(plan, output) for output in plan.outputs]
             check_free_space([(p, output_size(plan.tensors, m, options)) for p, m in zip(self.paths, metadata)])
             for path, meta in zip(self.paths, metadata):
@@ -338,18 +349,22 @@ def merge(
     fmt: str | None = None,
     verify: bool = False,
     strict: bool = False,
+    max_shard_size: str | int | None = None,
     **options: object,
 ) -> list[Path]:
     """Compute the EMA targets of a series and write them; returns the output paths.
 
     ``options`` are those of :func:`plan_merge`. One target writes ``output``; several write
     ``output/NAME.safetensors`` (e.g. ``decay-0.999.safetensors``). Folder checkpoints give folders
-    mirroring the newest one (``fmt="safetensors"`` for a single file). ``verify`` and ``strict``: see
-    :class:`MergeJob`.
+    mirroring the newest one (``fmt="safetensors"`` for a single file); DCP and DeepSpeed checkpoints a DCP
+    folder or a Hugging Face folder, sharded at ``max_shard_size`` (one file when ``output`` ends in
+    ``.safetensors``). ``verify``, ``strict`` and ``max_shard_size``: see :class:`MergeJob`.
     """
     plan = plan_merge(inputs, **options)  # type: ignore[arg-type]
     paths = output_paths(plan, output, force=force, fmt=fmt)
-    with MergeJob(plan, paths, on_warning=on_warning, fmt=fmt, verify=verify, strict=strict) as job:
+    with MergeJob(
+        plan, paths, on_warning=on_warning, fmt=fmt, verify=verify, strict=strict, max_shard_size=max_shard_size
+    ) as job:
         for _ in job:
             pass
         return job.commit()

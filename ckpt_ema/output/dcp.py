@@ -38,7 +38,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ckpt_ema.errors import OutputError
-from ckpt_ema.output.writer import TEMP_MARKER, WriteOptions, remove_stale_temps, replace_folder, write_json_atomic
+from ckpt_ema.output.writer import (
+    TEMP_MARKER,
+    WriteOptions,
+    copy_file,
+    remove_stale_temps,
+    replace_folder,
+    write_json_atomic,
+)
 from ckpt_ema.plan.model import TensorPlan
 from ckpt_ema.plan.pieces import Piece, whole
 
@@ -333,6 +340,8 @@ class DcpWriter:
             they will be written.
         metadata: provenance, written to ``ckpt_ema.json``.
         options: ``verify`` reads the data file back; ``late_metadata`` values are filled in at commit.
+        copies: files copied unchanged into the folder, by name: the real path of each (links resolved by the
+            caller); Megatron-core's ``metadata.json`` and ``common.pt``, which its ``load`` needs.
     """
 
     def __init__(
@@ -341,6 +350,7 @@ class DcpWriter:
         tensors: Sequence[TensorPlan | Piece],
         metadata: Mapping[str, str],
         options: WriteOptions | None = None,
+        copies: Mapping[str, Path] | None = None,
     ) -> None:
         self.path = Path(path)
         self.temp = self.path.parent / f".{self.path.name}{TEMP_MARKER}{os.getpid()}"
@@ -350,6 +360,8 @@ class DcpWriter:
         try:
             remove_stale_temps(self.path.parent)
             self.temp.mkdir(mode=self._options.folder_mode, parents=True)
+            for name, origin in (copies or {}).items():
+                copy_file(origin, self.temp / name, self._options.mode)
             self._data = DcpDataFile(
                 self.temp / data_file_name(0), tensors, digest=self._options.verify, mode=self._options.mode
             )

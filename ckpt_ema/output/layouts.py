@@ -16,24 +16,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ckpt_ema.errors import InputError, OutputError
+from ckpt_ema.errors import OutputError
 from ckpt_ema.io import CheckpointSource
-from ckpt_ema.io.links import inside, kind_of, walk_copy
+from ckpt_ema.io.dcp import MEGATRON_FILES
+from ckpt_ema.io.links import inside, walk_copy
 from ckpt_ema.output.configs import config_dtype_name, copy_config
 from ckpt_ema.output.dcp import DcpWriter
 from ckpt_ema.output.lightning import SUFFIX as LIGHTNING_SUFFIX
 from ckpt_ema.output.lightning import LightningCheckpointWriter
+from ckpt_ema.output.shards import INDEX_NAME, shard_names, split_shards
 from ckpt_ema.output.writer import (
     OutputWriter,
     SafetensorsWriter,
     WriteOptions,
+    copy_file,
     remove_stale_temps,
     replace_folder,
     temp_path_for,
@@ -43,6 +45,7 @@ from ckpt_ema.plan.pieces import plan_pieces
 from ckpt_ema.series.load import checkpoint_stem
 
 FORMATS = ("safetensors", "folder", "dcp")
+SAFETENSORS_SUFFIX = ".safetensors"
 # metadata that describes the exact bytes of the newest input, wrong for the output
 STALE_METADATA = ("modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash")
 
@@ -73,6 +76,15 @@ def writes_dcp(plan: Plan, fmt: str | None) -> bool:
     return fmt == "dcp" or (fmt is None and plan.newest.source.output_format == "dcp")
 
 
+def writes_export_folder(plan: Plan, fmt: str | None, output: str | os.PathLike) -> bool:
+    """Whether the safetensors output of a model with no Hugging Face layout of its own (DCP, DeepSpeed) is a
+    Hugging Face folder (``model.safetensors``, or shards and an index; ``output/shards.py``): yes unless
+    ``output`` names a ``.safetensors`` file (then one file), always with ``--format folder``."""
+    if not plan.newest.source.exports_folder or writes_dcp(plan, fmt):
+        return False
+    return fmt == "folder" or Path(output).suffix.lower() != SAFETENSORS_SUFFIX
+
+
 def writes_folder(plan: Plan, fmt: str | None) -> bool:
     """Whether the outputs are folders mirroring the inputs (folder checkpoints, unless ``--format safetensors``)."""
     source = plan.newest.source
@@ -80,6 +92,8 @@ def writes_folder(plan: Plan, fmt: str | None) -> bool:
         raise OutputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if writes_dcp(plan, fmt):
         return False
+    if fmt == "folder" and source.exports_folder:  # a Hugging Face folder (writes_export_folder)
+        return True
     if fmt == "folder" and not source.is_folder:
         raise OutputError(
             f"--format folder: the checkpoints are single files ({source.path.name}); their output is one "
@@ -103,7 +117,9 @@ def open_output(
     """The sink that writes one output: a ``SafetensorsWriter``, a ``FolderWriter``, a ``DcpWriter``, or for a
     ``.ckpt`` path of Lightning inputs a ``LightningCheckpointWriter``."""
     if writes_dcp(plan, fmt):
-        return DcpWriter(path, plan_pieces(plan, chunked=True), metadata, options)
+        return DcpWriter(path, plan_pieces(plan, chunked=True), metadata, options, dcp_copies(plan.newest.source))
+    if writes_export_folder(plan, fmt, path):
+        return ExportFolderWriter(path, plan, metadata, options)
     if writes_folder(plan, fmt):
         return FolderWriter(path, plan, metadata, options)
     source = plan.newest.source
@@ -118,6 +134,12 @@ def open_output(
     if not prefix:
         return SafetensorsWriter(path, plan.tensors, metadata, options)
     return _Unprefixed(SafetensorsWriter(path, [_strip(t, prefix) for t in plan.tensors], metadata, options), prefix)
+
+
+def dcp_copies(source: CheckpointSource) -> dict[str, Path]:
+    """The newest DCP checkpoint's files that a DCP output carries (Megatron-core's ``metadata.json`` and
+    ``common.pt``), by name, each resolved with the links rule of ``io/links.py`` (never out of the checkpoint)."""
+    return {name: inside(source.path, source.path / name) for name in source.copied if name in MEGATRON_FILES}
 
 
 def _strip(tensor: TensorPlan, prefix: str) -> TensorPlan:
@@ -219,9 +241,12 @@ class FolderWriter:
         for each in reversed(missing):
             each.mkdir(mode=self._folder_mode)
 
+    def _copied(self, source: CheckpointSource) -> list[str]:
+        return list(source.copied)
+
     def _copy_files(self, source: CheckpointSource) -> None:
         """The newest checkpoint's configs and tokenizer files; links are followed only inside it."""
-        for relpath in source.copied:
+        for relpath in self._copied(source):
             destination = self.temp / relpath.rstrip("/")
             self._make_folders(destination.parent)
             folder, _, name = relpath.rpartition("/")
@@ -238,7 +263,7 @@ class FolderWriter:
                 if not target.exists():
                     target.mkdir(mode=self._folder_mode)
             else:
-                _copy_file(real, target, self._options.mode)
+                copy_file(real, target, self._options.mode)
 
     def write(self, name: str, data: np.ndarray) -> None:
         writer, inner = self._route[name]
@@ -265,17 +290,35 @@ class FolderWriter:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def _copy_file(origin: Path, destination: Path, mode: int) -> None:
-    """Copy a regular file's bytes (and modification time) into a new file of permission ``mode``."""
-    source_fd = os.open(origin, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(source_fd, "rb") as source:
-        info = os.fstat(source.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise InputError(f"{origin}: is {kind_of(info.st_mode)}, not a file to copy")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        with os.fdopen(os.open(destination, flags, mode), "wb") as target:
-            shutil.copyfileobj(source, target)
-    os.utime(destination, ns=(info.st_atime_ns, info.st_mtime_ns))
+class ExportFolderWriter(FolderWriter):
+    """A Hugging Face folder for a model that has no such layout (DCP, DeepSpeed): ``model.safetensors``, or
+    ``model-0000K-of-0000N.safetensors`` of at most ``options.max_shard_bytes`` each and the index, as
+    ``save_pretrained`` and ``zero_to_fp32`` write them (``output/shards.py``), with the checkpoint's
+    ``config.json`` and tokenizer files if it has them. Each tensor streams into its slot of its shard (a DCP
+    tensor sharded on dim 0 arrives piece by piece); ``commit`` renames the folder into place."""
+
+    def _open_writers(
+        self, source: CheckpointSource, tensors: Sequence[TensorPlan], metadata: Mapping[str, str]
+    ) -> None:
+        shards = split_shards(tensors, self._options.max_shard_bytes)
+        names = shard_names(len(shards))
+        self._dtypes[""] = {t.out_dtype for t in tensors if t.is_float}
+        weight_map: dict[str, str] = {}
+        for name, shard in zip(names, shards):
+            writer = SafetensorsWriter(self.temp / name, shard, metadata, self._options)
+            self._writers.append(writer)
+            for tensor in shard:
+                self._route[tensor.name] = (writer, tensor.name)
+                weight_map[tensor.name] = name
+        if len(shards) > 1:
+            body = {
+                "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            self._indexes.append((self.temp / INDEX_NAME, body))
+
+    def _copied(self, source: CheckpointSource) -> list[str]:
+        return [name for name in source.copied if name not in MEGATRON_FILES]
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:

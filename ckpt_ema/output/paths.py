@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ckpt_ema.errors import OutputError
 from ckpt_ema.io.links import kind_of
-from ckpt_ema.output.layouts import writes_dcp, writes_folder
+from ckpt_ema.output.layouts import writes_dcp, writes_export_folder, writes_folder
 from ckpt_ema.plan.model import Plan
 from ckpt_ema.series.discover import file_id
 
@@ -25,9 +25,12 @@ def output_paths(plan: Plan, output: str | os.PathLike, force: bool = False, fmt
 
     An existing folder (or a path ending in ``/``) is always taken as the folder to write into. Refuses
     to write over an input (or a hard link to one), or over an existing file without ``force``.
-    Folder checkpoints give folder outputs (``output``, or ``output/NAME/``) unless ``fmt="safetensors"``.
+    Folder checkpoints give folder outputs (``output``, or ``output/NAME/``) unless ``fmt="safetensors"``;
+    so do DCP and DeepSpeed checkpoints written as safetensors, unless ``output`` names a ``.safetensors`` file.
     """
-    if writes_folder(plan, fmt) or writes_dcp(plan, fmt):
+    if fmt == "folder" and plan.newest.source.exports_folder and Path(output).suffix.lower() == SUFFIX:
+        raise OutputError(f"{output}: --format folder writes a Hugging Face folder; give a folder name")
+    if writes_folder(plan, fmt) or writes_dcp(plan, fmt) or writes_export_folder(plan, fmt, output):
         return _outside_checkpoint_folders(plan, folder_output_paths(plan, output, force))
     out = Path(output)
     as_folder = len(plan.outputs) > 1 or out.is_dir() or str(output).endswith(os.sep)

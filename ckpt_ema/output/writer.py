@@ -27,9 +27,11 @@ from typing import Protocol
 
 import numpy as np
 
-from ckpt_ema.errors import OutputError
+from ckpt_ema.errors import InputError, OutputError
+from ckpt_ema.io.links import kind_of
 from ckpt_ema.io.safetensors_format import DTYPES, all_finite, read_header
 from ckpt_ema.output.lock import output_locked
+from ckpt_ema.output.shards import DEFAULT_MAX_SHARD_BYTES
 from ckpt_ema.plan.model import TensorPlan
 
 try:
@@ -53,12 +55,15 @@ class WriteOptions:
     ``late_metadata``: metadata keys whose values are only known at commit (key -> width in characters),
     filled from ``late_values()``. ``verify``: read each file back before renaming it into place.
     ``mode``: permission bits of every file written (less the umask); folders get ``x`` where ``r`` is set.
+    ``max_shard_bytes``: the largest shard of a Hugging Face folder exported from a model that has no folder
+    layout of its own (DCP, DeepSpeed; ``output/shards.py``).
     """
 
     verify: bool = False
     late_metadata: Mapping[str, int] = field(default_factory=dict)
     late_values: Callable[[], Mapping[str, str]] | None = None
     mode: int = 0o644
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
 
     @property
     def folder_mode(self) -> int:
@@ -86,6 +91,20 @@ def write_json_atomic(path: Path, data: object, mode: int = 0o644) -> None:
     with os.fdopen(os.open(temp, flags, mode), "w", encoding="utf-8") as f:
         f.write(json.dumps(data, indent=2) + "\n")
     os.replace(temp, path)
+
+
+def copy_file(origin: Path, destination: Path, mode: int) -> None:
+    """Copy a regular file's bytes (and modification time) into a new file of permission ``mode``; the
+    origin is opened without following a link (the caller resolves links with ``io.links.inside``)."""
+    source_fd = os.open(origin, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(source_fd, "rb") as source:
+        info = os.fstat(source.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{origin}: is {kind_of(info.st_mode)}, not a file to copy")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        with os.fdopen(os.open(destination, flags, mode), "wb") as target:
+            shutil.copyfileobj(source, target)
+    os.utime(destination, ns=(info.st_atime_ns, info.st_mtime_ns))
 
 
 def replace_folder(temp: Path, path: Path) -> None:
