@@ -178,6 +178,7 @@ def _layout(name: str) -> torch.layout:
 
 _METADATA = "torch.distributed.checkpoint.metadata"
 _FILESYSTEM = "torch.distributed.checkpoint.filesystem"
+_PLANNER = "torch.distributed.checkpoint.planner"
 ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
     **{
         (_METADATA, cls.__name__): cls
@@ -192,6 +193,9 @@ ALLOWED_GLOBALS: dict[tuple[str, str], object] = {
         )
     },
     (_METADATA, "_MEM_FORMAT_ENCODING"): _enum_value,
+    # Megatron-core's torch_dist planner keeps every rank's save plan in the metadata (``all_local_plans``)
+    **{(_PLANNER, name): _Record for name in ("SavePlan", "WriteItem", "TensorWriteData", "BytesIOWriteData")},
+    (_PLANNER, "WriteItemType"): _enum_value,
     (_FILESYSTEM, "_StorageInfo"): StorageInfo,
     (_FILESYSTEM, "_StoragePrefix"): _Record,
     ("torch", "Size"): tuple,
@@ -376,8 +380,31 @@ def model_tensors(folder: Path, metadata: Metadata) -> tuple[dict[str, DcpTensor
     ]
     if objects:
         example = f"{objects[0]}" + (f", ... ({len(objects)} in all)" if len(objects) > 1 else "")
-        notes_ignored.append(FileNote(example, "pickled objects, not tensors (never loaded)"))
+        notes_ignored.append(
+            FileNote(example, "pickled objects, not tensors (never loaded; copied byte for byte into a DCP output)")
+        )
     return tensors, notes_ignored, notes
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A non-tensor entry of the model (Megatron's ``*._extra_state``): where its bytes are; never unpickled."""
+
+    fqn: str
+    relpath: str
+    offset: int
+    length: int
+
+
+def model_objects(metadata: Metadata) -> list[StoredObject]:
+    """The model's non-tensor entries (outside the trainer's state), which a DCP output copies byte for byte."""
+    where = _storage(metadata)
+    result = []
+    for fqn, entry in metadata.state_dict_metadata.items():
+        info = where.get((fqn, None))
+        if isinstance(entry, BytesStorageMetadata) and _top(fqn) not in TRAINER_KEYS and info is not None:
+            result.append(StoredObject(fqn, str(info.relative_path), int(info.offset), int(info.length)))
+    return result
 
 
 # --- tensor data ------------------------------------------------------------------------------------------
@@ -697,6 +724,7 @@ def open_dcp(path: Path) -> CheckpointSource:
     source.ignored = ignored
     source.notes = notes
     source.exports_folder = True
+    source.objects = model_objects(metadata)
     other = [p.name for p in sorted(path.iterdir()) if p.name != METADATA_NAME and p.name not in data_files]
     megatron = is_megatron_folder(path)
     if megatron:

@@ -207,6 +207,8 @@ class CheckpointSource:
         self.other_keys: list[str] = []  # ... and the other state dicts the file holds, if it was not --key
         self.epoch_numbered = ""  # set when the trainer numbers files by epoch (timm): the name is no step
         self.recorded_epoch: int | None = None  # an epoch the file records: a name's equal number is no step
+        # DCP: the model's non-tensor entries (io.dcp.StoredObject), copied byte for byte into a DCP output
+        self.objects: list[Any] = []
         self.lightning: dict[str, object] = {}  # a Lightning checkpoint's top-level entries besides tensors
         self._where: dict[str, tuple[int, str]] = {}  # name -> (file number, stored name)
         self._files: list[WeightFile] = []

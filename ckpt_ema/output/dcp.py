@@ -26,6 +26,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import shutil
 import struct
 import uuid
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ckpt_ema.errors import OutputError
+from ckpt_ema.errors import InputError, OutputError
 from ckpt_ema.output.writer import (
     TEMP_MARKER,
     WriteOptions,
@@ -156,6 +157,39 @@ class StoredTensor:
         return (self.chunk_offsets or (0,) * len(self.shape)), tuple(sizes)
 
 
+@dataclass(frozen=True)
+class StoredBytes:
+    """Where one copied non-tensor entry is: its data file, and its bytes' offset and length in it."""
+
+    name: str
+    relpath: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ObjectCopy:
+    """A non-tensor entry to copy byte for byte: its key, and where its bytes are in the newest checkpoint."""
+
+    name: str
+    path: Path
+    offset: int
+    length: int
+
+    def read(self) -> bytes:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            try:
+                data = os.pread(fd, self.length, self.offset)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot read {self.name!r} ({exc.strerror or exc})") from None
+        if len(data) != self.length:
+            raise InputError(f"{self.path}: {self.name!r} lies beyond the end of the file; the checkpoint is truncated")
+        return data
+
+
 class DcpDataFile:
     """Streams one ``__R_0.distcp`` file: one blob per piece (a tensor, or one block of it: a chunk), in the
     order given; each tensor's data arrives as its pieces' data one after the other."""
@@ -179,6 +213,7 @@ class DcpDataFile:
         self._crc = 0
         self._blob_start = 0
         self.stored: list[StoredTensor] = []
+        self.stored_bytes: list[StoredBytes] = []
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
             self._file = os.fdopen(os.open(self.temp_path, flags, mode), "wb", buffering=0)
@@ -252,6 +287,12 @@ class DcpDataFile:
         self._index += 1
         self._template = None
 
+    def append_bytes(self, name: str, data: bytes) -> None:
+        """A non-tensor entry after the tensors, as ``FileSystemWriter`` writes a ``BYTE_IO`` item: its bytes as they are."""
+        offset = self._file.tell()
+        self._write(data)
+        self.stored_bytes.append(StoredBytes(name, self.relpath, offset, len(data)))
+
     def close(self) -> None:
         """Flush and close the temporary file (every tensor must have been written)."""
         if self._index != len(self._pieces):
@@ -276,11 +317,14 @@ class DcpDataFile:
             pass
 
 
-def build_metadata(stored: Sequence[StoredTensor], checkpoint_id: str) -> object:
+def build_metadata(
+    stored: Sequence[StoredTensor], checkpoint_id: str, stored_bytes: Sequence[StoredBytes] = ()
+) -> object:
     """torch's ``Metadata`` for the chunks written (by every rank), as ``FileSystemWriter.finish`` writes it:
-    each tensor's size and chunks, and where each chunk's blob is."""
+    each tensor's size and chunks, and where each chunk's blob is; and the non-tensor entries copied."""
     from torch.distributed.checkpoint.filesystem import CURRENT_DCP_VERSION, _StorageInfo
     from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
         ChunkStorageMetadata,
         Metadata,
         MetadataIndex,
@@ -302,21 +346,31 @@ def build_metadata(stored: Sequence[StoredTensor], checkpoint_id: str) -> object
             item.relpath, item.offset, item.length
         )
         entry.chunks.append(ChunkStorageMetadata(offsets, sizes))
+    entries: dict[str, object] = dict(state_dict_metadata)
+    for copied in stored_bytes:
+        entries[copied.name] = BytesStorageMetadata()
+        storage_data[MetadataIndex(copied.name)] = _StorageInfo(copied.relpath, copied.offset, copied.length)
     return Metadata(
-        state_dict_metadata=state_dict_metadata,  # type: ignore[arg-type]
-        planner_data={name: (name,) for name in state_dict_metadata},
+        state_dict_metadata=entries,  # type: ignore[arg-type]
+        planner_data={name: (name,) for name in entries},
         storage_data=storage_data,
         storage_meta=StorageMeta(checkpoint_id=checkpoint_id, save_id=str(uuid.uuid4())),
         version=CURRENT_DCP_VERSION,
     )
 
 
-def write_metadata(folder: Path, stored: Sequence[StoredTensor], final: Path, mode: int = 0o644) -> None:
+def write_metadata(
+    folder: Path,
+    stored: Sequence[StoredTensor],
+    final: Path,
+    mode: int = 0o644,
+    stored_bytes: Sequence[StoredBytes] = (),
+) -> None:
     """``.metadata`` (through a temporary name: its appearance completes the checkpoint)."""
     temp = folder / f"{METADATA_NAME}.tmp-{os.getpid()}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
     with os.fdopen(os.open(temp, flags, mode), "wb") as f:
-        pickle.dump(build_metadata(stored, str(final)), f)
+        pickle.dump(build_metadata(stored, str(final), stored_bytes), f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(temp, folder / METADATA_NAME)
@@ -342,6 +396,10 @@ class DcpWriter:
         options: ``verify`` reads the data file back; ``late_metadata`` values are filled in at commit.
         copies: files copied unchanged into the folder, by name: the real path of each (links resolved by the
             caller); Megatron-core's ``metadata.json`` and ``common.pt``, which its ``load`` needs.
+        objects: non-tensor entries of the model copied byte for byte into the data file after the tensors
+            (Megatron's ``*._extra_state``, which its ``load`` asks for); never unpickled.
+        tracker: Megatron-LM's ``latest_checkpointed_iteration.txt`` beside an ``iter_NNNNNNN`` output, written
+            after the rename (see :func:`update_tracker`).
     """
 
     def __init__(
@@ -351,8 +409,12 @@ class DcpWriter:
         metadata: Mapping[str, str],
         options: WriteOptions | None = None,
         copies: Mapping[str, Path] | None = None,
+        objects: Sequence[ObjectCopy] = (),
+        tracker: Path | None = None,
     ) -> None:
         self.path = Path(path)
+        self._objects = list(objects)
+        self._tracker = tracker
         self.temp = self.path.parent / f".{self.path.name}{TEMP_MARKER}{os.getpid()}"
         self._metadata = dict(metadata)
         self._options = options or WriteOptions()
@@ -380,14 +442,16 @@ class DcpWriter:
         """Finish the data file, write ``.metadata`` and the provenance, rename the folder into place."""
         assert self._data is not None
         try:
+            for entry in self._objects:
+                self._data.append_bytes(entry.name, entry.read())
             self._data.close()
             self._data.rename()
             if self._data.digest is not None:
                 verify_data_file(self._data, self._data.digest.digest())
             write_provenance(self.temp, self._metadata, self._options)
-            write_metadata(self.temp, self._data.stored, self.path, self._options.mode)
+            write_metadata(self.temp, self._data.stored, self.path, self._options.mode, self._data.stored_bytes)
             if self._options.verify:
-                verify_metadata(self.temp, self._data.stored)
+                verify_metadata(self.temp, self._data.stored, self._data.stored_bytes)
             replace_folder(self.temp, self.path)
         except OSError as exc:
             self.abort()
@@ -395,11 +459,46 @@ class DcpWriter:
         except BaseException:
             self.abort()
             raise
+        if self._tracker is not None:
+            update_tracker(self._tracker, self.path)
 
     def abort(self) -> None:
         if self._data is not None:
             self._data.abort()
         shutil.rmtree(self.temp, ignore_errors=True)
+
+
+MEGATRON_ITERATION = re.compile(r"^iter_(\d{7})$")
+TRACKER_NAME = "latest_checkpointed_iteration.txt"
+
+
+def megatron_tracker(path: Path) -> Path | None:
+    """The tracker an output named like a Megatron-LM iteration (``run/iter_0000300``) keeps current, else None."""
+    return path.parent / TRACKER_NAME if MEGATRON_ITERATION.match(path.name) else None
+
+
+def update_tracker(tracker: Path, folder: Path) -> bool:
+    """Point Megatron-LM's ``--load`` at ``folder``: write its iteration to the tracker, as Megatron-LM's
+    ``training/checkpointing.py`` does (the number as text), unless the tracker names a later iteration
+    (a newer checkpoint beside it stays the one loaded). Returns whether it was written."""
+    match = MEGATRON_ITERATION.match(folder.name)
+    if match is None:
+        return False
+    iteration = int(match.group(1))
+    try:
+        current = tracker.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        current = ""
+    except (OSError, UnicodeDecodeError):
+        return False
+    if current and (not current.isdigit() or int(current) > iteration):
+        return False
+    temp = tracker.with_name(f".{tracker.name}.tmp-{os.getpid()}")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(temp, flags, 0o644), "w", encoding="ascii") as f:
+        f.write(str(iteration))
+    os.replace(temp, tracker)
+    return True
 
 
 def verify_data_file(data: DcpDataFile, digest: bytes) -> None:
@@ -421,9 +520,9 @@ def verify_data_file(data: DcpDataFile, digest: bytes) -> None:
         raise OutputError(f"{data.path}: --verify: the data read back differs from the data written")
 
 
-def verify_metadata(folder: Path, stored: Sequence[StoredTensor]) -> None:
+def verify_metadata(folder: Path, stored: Sequence[StoredTensor], stored_bytes: Sequence[StoredBytes] = ()) -> None:
     """``--verify``: read ``.metadata`` back (with the reader's allow-list unpickler) and check that it names
-    every chunk written, where it was written, and nothing else."""
+    every chunk written and every non-tensor entry copied, where each was written, and nothing else."""
     from ckpt_ema.io.dcp import read_metadata
 
     path = folder / METADATA_NAME
@@ -436,7 +535,8 @@ def verify_metadata(folder: Path, stored: Sequence[StoredTensor]) -> None:
         sizes = next((tuple(c.sizes) for c in getattr(entry, "chunks", ()) if tuple(c.offsets) == offsets), None)
         where = (str(getattr(info, "relative_path", "")), getattr(info, "offset", -1), getattr(info, "length", -1))
         found.add((fqn, offsets, sizes, *where))
-    expected = {(t.name, *t.region, t.relpath, t.offset, t.length) for t in stored}
+    expected: set[tuple[object, ...]] = {(t.name, *t.region, t.relpath, t.offset, t.length) for t in stored}
+    expected |= {(b.name, (), None, b.relpath, b.offset, b.length) for b in stored_bytes}
     if found != expected:
         raise OutputError(f"{path}: --verify: the chunks it describes differ from those written")
 

@@ -27,7 +27,7 @@ from ckpt_ema.io import CheckpointSource
 from ckpt_ema.io.dcp import MEGATRON_FILES
 from ckpt_ema.io.links import inside, walk_copy
 from ckpt_ema.output.configs import config_dtype_name, copy_config
-from ckpt_ema.output.dcp import DcpWriter
+from ckpt_ema.output.dcp import DcpWriter, ObjectCopy, megatron_tracker
 from ckpt_ema.output.lightning import SUFFIX as LIGHTNING_SUFFIX
 from ckpt_ema.output.lightning import LightningCheckpointWriter
 from ckpt_ema.output.shards import INDEX_NAME, shard_names, split_shards
@@ -117,7 +117,11 @@ def open_output(
     """The sink that writes one output: a ``SafetensorsWriter``, a ``FolderWriter``, a ``DcpWriter``, or for a
     ``.ckpt`` path of Lightning inputs a ``LightningCheckpointWriter``."""
     if writes_dcp(plan, fmt):
-        return DcpWriter(path, plan_pieces(plan, chunked=True), metadata, options, dcp_copies(plan.newest.source))
+        source = plan.newest.source
+        copies = dcp_copies(source)
+        tracker = megatron_tracker(path) if copies else None  # a Megatron checkpoint, named as an iteration
+        pieces = plan_pieces(plan, chunked=True)
+        return DcpWriter(path, pieces, metadata, options, copies, dcp_objects(source), tracker)
     if writes_export_folder(plan, fmt, path):
         return ExportFolderWriter(path, plan, metadata, options)
     if writes_folder(plan, fmt):
@@ -140,6 +144,14 @@ def dcp_copies(source: CheckpointSource) -> dict[str, Path]:
     """The newest DCP checkpoint's files that a DCP output carries (Megatron-core's ``metadata.json`` and
     ``common.pt``), by name, each resolved with the links rule of ``io/links.py`` (never out of the checkpoint)."""
     return {name: inside(source.path, source.path / name) for name in source.copied if name in MEGATRON_FILES}
+
+
+def dcp_objects(source: CheckpointSource) -> list[ObjectCopy]:
+    """The newest DCP checkpoint's non-tensor model entries (Megatron's ``*._extra_state``), for a DCP output."""
+    return [
+        ObjectCopy(entry.fqn, inside(source.path, source.path / entry.relpath), entry.offset, entry.length)
+        for entry in source.objects
+    ]
 
 
 def _strip(tensor: TensorPlan, prefix: str) -> TensorPlan:
