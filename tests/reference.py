@@ -85,3 +85,22 @@ def simpson(f: Callable[[np.ndarray], np.ndarray], a: float, b: float, n: int = 
     if b <= a:
         return 0.0
     return simpson_samples(f(np.linspace(a, b, n + 1)), (b - a) / n)
+
+
+def run_one_rank(module: str, *args: object) -> None:
+    """``python -m MODULE ARGS`` as rank 0 of a 1-process gloo world (a free port), from the repository root."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+    command = [sys.executable, "-W", "ignore", "-m", module, *map(str, args)]
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]

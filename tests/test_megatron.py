@@ -9,10 +9,6 @@ float64 per-step EMA of the full weights saved during training; the model then r
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,24 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt_ema.output.dcp import TRACKER_NAME, update_tracker
-from tests.reference import assert_close, ema_reference, run
+from tests.reference import assert_close, ema_reference, run, run_one_rank
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = (2, 4, 6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _megatron(*args: object) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
-    command = [sys.executable, "-W", "ignore", "-m", "tests.megatron_training", *map(str, args)]
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_one_rank("tests.megatron_training", *args)
 
 
 def test_tracker_follows_megatron_and_never_goes_back(tmp_path: Path) -> None:
