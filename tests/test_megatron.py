@@ -99,3 +99,22 @@ def test_extra_state_objects_and_megatron_files_reach_the_dcp_output(tmp_path: P
         for k in range(1, 101):
             ema = 0.99 * ema + 0.01 * (a + (b - a) * k / 100)
         assert_close(loaded[f"decoder.layers.{i}.weight"], torch.full((4, 2), ema, dtype=torch.float64).numpy())
+
+
+def test_a_link_out_of_the_checkpoint_is_never_copied(tmp_path: Path) -> None:
+    import json
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "run" / "iter_0000010"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.ones(3)}, checkpoint_id=str(folder))
+    (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    secret = tmp_path / "secret.pt"
+    secret.write_bytes(b"private")
+    (folder / "common.pt").symlink_to(secret)
+    result = run("merge", folder, "--decay", "0.9", "-o", tmp_path / "ema", "--steps", "10", expect=1)
+    assert "outside the checkpoint" in result.output and "common.pt" in result.output
+    assert not (tmp_path / "ema").exists()

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ckpt_ema.errors import InputError
+from ckpt_ema.io.links import inside
 from ckpt_ema.io.safetensors_format import DTYPES, TensorInfo
 from ckpt_ema.io.source import (
     CheckpointSource,
@@ -752,12 +753,12 @@ def is_megatron_folder(path: Path) -> str | None:
     ``common.pt`` (``torch.save`` of the non-sharded part of the state: ``args``, ``iteration``, ...), which
     its ``load`` reads first. ``metadata.json`` is small JSON and is read here; ``common.pt`` is never loaded.
     """
-    config = path / "metadata.json"
     try:
+        config = inside(path, path / "metadata.json")  # a link out of the checkpoint is never read
         if not config.is_file() or config.stat().st_size > 1 << 16 or not (path / "common.pt").is_file():
             return None
         loaded = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (InputError, OSError, UnicodeDecodeError, ValueError):
         return None
     backend = loaded.get("sharded_backend") if isinstance(loaded, dict) else None
     return backend if isinstance(backend, str) else None
