@@ -8,13 +8,18 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: install demo test test-slow test-all lint format bench docs clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	$(PIP) install --quiet -e ".[test,fast,plot]"
 	# timm for tests/test_trainers_timm.py, without torchvision (see pyproject.toml; the test stubs its import)
 	$(PIP) install --quiet --no-deps "timm>=1.0.20"
+	# torchtitan for tests/test_torchtitan.py, without its training-only dependencies (datasets, wandb,
+	# tensorboard, torchdata): with them pip's resolver backtracked for over 16 minutes here. Its checkpoint
+	# code needs only these three. pip then warns that the others are missing; that is expected.
+	$(PIP) install --quiet --no-deps "torchtitan>=0.3"
+	$(PIP) install --quiet "tyro>=0.9" "spmd_types==0.2.3" "dill>=0.3"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,7 +1,8 @@
 """torchtitan's own checkpoint code writes the series and loads the EMA (``tests/titan_training.py``, CPU, gloo).
 
-torchtitan is not among the test extras (it pulls wandb, tensorboard, datasets and pins an older
-huggingface_hub); the test runs where it is installed: ``pip install torchtitan`` (0.3.0 was used).
+``make install`` installs torchtitan with ``--no-deps`` plus the three packages its checkpoint code imports
+(see the Makefile: its training-only dependencies made pip's resolver backtrack for over 16 minutes); the test
+is skipped where torchtitan is not installed. torchtitan 0.3.0 was used.
 """
 
 from __future__ import annotations
