@@ -59,6 +59,7 @@ from ckpt_ema.io.source import (
     WeightFile,
     dtype_name,
 )
+from ckpt_ema.io.torch_pickle import data_start
 
 if TYPE_CHECKING:
     import torch
@@ -455,10 +456,10 @@ def locate_blob(file: io.BufferedReader, offset: int, length: int, where: str) -
         raise InputError(f"{where}: cannot read the stored tensor ({type(exc).__name__}: {exc})") from None
     if not isinstance(meta, torch.Tensor):
         raise InputError(f"{where}: holds a {type(meta).__name__}, not a tensor")
-    start = getattr(meta.untyped_storage(), "_checkpoint_offset", None)
-    if not isinstance(start, int):
+    start = data_start(meta)
+    if start is None:
         raise InputError(f"{where}: cannot locate the tensor data in the stored blob")
-    return offset + start + int(meta.storage_offset()) * meta.element_size(), meta
+    return offset + start, meta
 
 
 def _holding(tensor: DcpTensor, region: Region) -> Chunk | None:

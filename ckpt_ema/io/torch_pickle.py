@@ -181,16 +181,24 @@ class LoadInfo:
     top: object  # the whole loaded object (for the trainer's records: global_step, epoch, ...)
 
 
+def data_start(tensor: Any) -> int | None:
+    """Where the first element of a tensor loaded with ``map_location="meta"`` lies in the file it was
+    loaded from (its storage's zip record offset, ``_checkpoint_offset``, plus its storage offset), or None."""
+    start = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
+    if not isinstance(start, int):
+        return None
+    return start + int(tensor.storage_offset()) * tensor.element_size()
+
+
 def byte_range(path: Path, name: str, tensor: Any, dtype: str, file_size: int) -> TensorInfo | None:
     """Where a tensor loaded onto ``meta`` lies in its file, when it is one contiguous run of bytes, else None."""
-    start = getattr(tensor.untyped_storage(), "_checkpoint_offset", None)
-    if not isinstance(start, int) or not tensor.is_contiguous() or sys.byteorder != "little":
+    begin = data_start(tensor)
+    if begin is None or not tensor.is_contiguous() or sys.byteorder != "little":
         return None
     itemsize = DTYPES[dtype][1]
-    begin = start + int(tensor.storage_offset()) * itemsize
-    end = begin + tensor.numel() * itemsize
-    if end > start + tensor.untyped_storage().nbytes():
+    if (int(tensor.storage_offset()) + tensor.numel()) * itemsize > tensor.untyped_storage().nbytes():
         return None
+    end = begin + tensor.numel() * itemsize
     if end > file_size:
         raise InputError(f"{path}: tensor {name!r} lies beyond the end of the file; the file is truncated")
     return TensorInfo(dtype, tuple(tensor.shape), begin, end)
