@@ -21,12 +21,11 @@ import numpy as np
 
 from ckpt_ema.errors import OutputError
 from ckpt_ema.io.safetensors_format import DTYPES
+from ckpt_ema.io.torch_pickle import LIGHTNING_KEYS
 from ckpt_ema.output.writer import temp_path_for
 from ckpt_ema.plan.model import TensorPlan
 
-SUFFIX = ".ckpt"
-# what load_from_checkpoint reads besides state_dict; copied from the newest input when it has them
-LIGHTNING_KEYS = ("epoch", "global_step", "pytorch-lightning_version", "hparams_name", "hyper_parameters")
+SUFFIX = ".ckpt"  # LIGHTNING_KEYS, what load_from_checkpoint reads besides state_dict, come from the newest input
 
 
 class LightningCheckpointWriter:
