@@ -7,12 +7,14 @@ of large matrices and small biases/norms plus an integer buffer), then measures,
 - ``read``: every file memory-mapped and every 32-bit word touched (a max-reduction on all cores);
 - ``engine N``: ckpt-ema's streaming pass alone, in this process, outputs discarded;
 - ``ckpt-ema N``: ``python -m ckpt_ema merge`` as a subprocess writing real outputs, with N = 1, 4, 16
-  targets, with the default SHA-256 of the inputs and with ``--no-hash``;
+  targets, with the default hash of the inputs (BLAKE3) and with ``--no-hash``;
 - ``--help`` and ``plan``: the command's start-up (``plan`` reads the headers and plans).
 
 *warm* rows read from the page cache (a read of every file first), outputs into ``/dev/shm`` when it fits;
 *cold* rows drop every input from the page cache first (``posix_fadvise(DONTNEED)`` on each file, which
-works on disk file systems, not on tmpfs) and write their outputs beside the series, on the same disk.
+works on disk file systems, not on tmpfs) and write their outputs beside the series, on the same disk;
+each cold run is paired with a cold ``cat`` just before it, and its ``x cat`` is the median of those
+ratios (a virtual disk's speed drifts within minutes). ``cpu s`` is the user + system time of a row.
 Peak memory is the anonymous RSS (``RssAnon`` of the process and its children, sampled every 5 ms from
 /proc), not the page cache or mapped files. The scale table repeats the warm CLI rows on a series a
 quarter the size, and runs 1 and 2 processes at once each merging its own series (how a torchrun merge
@@ -32,7 +34,9 @@ import math
 import mmap
 import os
 import platform
+import resource
 import shutil
+import statistics
 import struct
 import subprocess
 import sys
@@ -40,6 +44,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -264,18 +269,58 @@ def run_cli(args: list[str], concurrent: int = 1) -> tuple[float, int]:
     return elapsed, peak * 1024
 
 
-def best(runs: int, fn, *args, cold: list[Path] | None = None):
-    """Best time of ``runs`` calls (each after evicting ``cold`` from the page cache, if given)."""
-    times, peaks = [], []
+class Timing(NamedTuple):
+    """``seconds``: the best run; ``peak``: the largest peak RSS (or None); ``cpu``: the median CPU seconds
+    (user + system) of the runs; ``x_cat``: the median of each run's time over its paired ``cat`` (cold)."""
+
+    seconds: float
+    peak: int | None
+    cpu: float | None
+    x_cat: float | None
+
+
+def _cpu(children: bool) -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timing(runs: int, fn, *args, cold: list[Path] | None = None, paired: bool = False, children: bool = True) -> Timing:
+    """``runs`` calls of ``fn(*args)``, each after evicting ``cold`` from the page cache if given.
+
+    ``paired``: each call is preceded by a cold ``cat`` of the same files (evicted again before the call),
+    and the call's time is divided by that ``cat``'s. A virtual disk's speed drifts by 2x within minutes
+    here; a ratio against the ``cat`` of the same minute is what tells the disk from the tool.
+    ``children``: CPU time is that of subprocesses (the CLI), else of this process (the engine).
+    """
+    times, peaks, cpus, ratios = [], [], [], []
     for _ in range(runs):
+        cat_seconds = None
+        if cold is not None and paired:
+            drop_cache(cold)
+            cat_seconds = cat_pass(cold)
         if cold is not None:
             drop_cache(cold)
+        before = _cpu(children)
         result = fn(*args)
+        cpus.append(_cpu(children) - before)
         seconds, peak = result if isinstance(result, tuple) else (result, None)
         times.append(seconds)
         peaks.append(peak)
+        if cat_seconds:
+            ratios.append(seconds / cat_seconds)
     peak_values = [p for p in peaks if p is not None]
-    return min(times), (max(peak_values) if peak_values else None)
+    return Timing(
+        min(times),
+        max(peak_values) if peak_values else None,
+        statistics.median(cpus),
+        statistics.median(ratios) if ratios else None,
+    )
+
+
+def best(runs: int, fn, *args, cold: list[Path] | None = None) -> tuple[float, int | None]:
+    """Best time of ``runs`` calls and the largest peak RSS (``timing`` without the CPU and pairs)."""
+    result = timing(runs, fn, *args, cold=cold)
+    return result.seconds, result.peak
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,33 +337,41 @@ def main_table(series: Path, paths: list[Path], warm_out: Path, cold_out: Path, 
     rows: dict[str, dict[str, float | None]] = {}
     repeat, extra = args.repeat, args.merge_args.split()
 
-    def row(label: str, seconds: float, peak: int | None = None, mode: str = "warm") -> None:
-        rows[label] = {"seconds": seconds, "peak_rss": peak, "mode": mode}
-        print(f"  {label:34} {seconds:7.3f} s", file=sys.stderr, flush=True)
+    def row(label: str, result: Timing, mode: str = "warm") -> None:
+        rows[label] = {
+            "seconds": result.seconds,
+            "peak_rss": result.peak,
+            "cpu": result.cpu,
+            "x_cat": result.x_cat,
+            "mode": mode,
+        }
+        paired = f"  ({result.x_cat:.2f} x its cat)" if result.x_cat else ""
+        print(f"  {label:34} {result.seconds:7.3f} s{paired}", file=sys.stderr, flush=True)
 
     cat_pass(paths)  # warm the page cache
-    row("cat (warm)", best(repeat, cat_pass, paths)[0])
-    row("read (warm)", best(repeat, read_pass, paths)[0])
+    row("cat (warm)", timing(repeat, cat_pass, paths))
+    row("read (warm)", timing(repeat, read_pass, paths, children=False))
     for label, cli in (("ckpt-ema --help", ["--help"]), ("ckpt-ema plan", ["plan", str(series), *TARGETS[1]])):
-        row(label, *best(repeat, run_cli, cli))
+        row(label, timing(repeat, run_cli, cli))
     engine_pass(series, TARGETS[1])  # warm-up (numba loads its cache or compiles)
     for n in (1, 4, 16):
-        row(f"engine {n} (warm)", best(repeat, engine_pass, series, TARGETS[n])[0])
+        row(f"engine {n} (warm)", timing(repeat, engine_pass, series, TARGETS[n], children=False))
     for n in (1, 4, 16):
         for flags in ([], ["--no-hash"]):
             label = f"ckpt-ema {n}{' --no-hash' if flags else ''} (warm)"
-            row(label, *best(repeat, run_cli, merge_args(series, n, warm_out, flags + extra)))
+            row(label, timing(repeat, run_cli, merge_args(series, n, warm_out, flags + extra)))
             shutil.rmtree(warm_out, ignore_errors=True)
     if not args.no_cold:
-        cold_repeat = max(1, min(repeat, 2))
-        row("cat (cold)", best(cold_repeat, cat_pass, paths, cold=paths)[0], mode="cold")
+        cold_repeat = max(1, args.cold_repeat)
+        row("cat (cold)", timing(cold_repeat, cat_pass, paths, cold=paths), mode="cold")
         for n in (1, 4, 16):
-            row(f"engine {n} (cold)", best(cold_repeat, engine_pass, series, TARGETS[n], cold=paths)[0], mode="cold")
+            result = timing(cold_repeat, engine_pass, series, TARGETS[n], cold=paths, paired=True, children=False)
+            row(f"engine {n} (cold)", result, mode="cold")
         for n in (1, 4, 16):
             for flags in ([], ["--no-hash"]):
                 label = f"ckpt-ema {n}{' --no-hash' if flags else ''} (cold)"
-                result = best(cold_repeat, run_cli, merge_args(series, n, cold_out, flags + extra), cold=paths)
-                row(label, *result, mode="cold")
+                cli = merge_args(series, n, cold_out, flags + extra)
+                row(label, timing(cold_repeat, run_cli, cli, cold=paths, paired=True), mode="cold")
                 shutil.rmtree(cold_out, ignore_errors=True)
     return rows
 
@@ -348,6 +401,17 @@ def scale_table(folder: Path, count: int, size_mb: int, warm_out: Path, args: ar
     return result
 
 
+def x_cat_of(rows: dict, label: str) -> float | None:
+    """A row's time over ``cat``'s: the paired median for cold rows that have one, else over the cat row."""
+    r = rows.get(label)
+    if r is None:
+        return None
+    if r.get("x_cat"):
+        return float(r["x_cat"])
+    cat = rows.get(f"cat ({r['mode']})", {}).get("seconds")
+    return r["seconds"] / cat if cat else None
+
+
 def print_report(info: dict, rows: dict, scale: dict | None) -> None:
     print(
         f"{info['machine']}; Python {info['python']}; numba {info['numba']}; series on {info['dir']}, "
@@ -356,22 +420,29 @@ def print_report(info: dict, rows: dict, scale: dict | None) -> None:
     print(
         f"\n{info['count']} x {info['size_mb']} MB BF16 ({info['bytes'] / 1e9:.2f} GB read, {info['tensors']} tensors per checkpoint)"
     )
-    header = f"{'':34} {'s':>7} {'GB/s':>6} {'x cat':>6} {'x read':>6} {'peak anon RSS':>13}"
+    header = f"{'':34} {'s':>7} {'GB/s':>6} {'x cat':>6} {'x read':>6} {'cpu s':>6} {'peak anon RSS':>13}"
     print(header)
     print("-" * len(header))
     size = info["bytes"]
     for label, r in rows.items():
         seconds = r["seconds"]
         rss = f"{r['peak_rss'] / 2**20:10.0f} MB" if r.get("peak_rss") else ""
+        cpu = f"{r['cpu']:6.2f}" if r.get("cpu") is not None else ""
         if label in ("ckpt-ema --help", "ckpt-ema plan"):
-            print(f"{label:34} {seconds:7.3f} {'':>6} {'':>6} {'':>6} {rss:>13}")
+            print(f"{label:34} {seconds:7.3f} {'':>6} {'':>6} {'':>6} {cpu:>6} {rss:>13}")
             continue
-        cat = rows.get(f"cat ({r['mode']})", {}).get("seconds")
-        x_cat = f"{seconds / cat:6.2f}" if cat else ""
+        x_cat = f"{x_cat_of(rows, label):6.2f}" if x_cat_of(rows, label) else ""
         x_read = f"{seconds / rows['read (warm)']['seconds']:6.2f}" if r["mode"] == "warm" else ""
-        print(f"{label:34} {seconds:7.3f} {size / seconds / 1e9:6.2f} {x_cat:>6} {x_read:>6} {rss:>13}")
+        print(f"{label:34} {seconds:7.3f} {size / seconds / 1e9:6.2f} {x_cat:>6} {x_read:>6} {cpu:>6} {rss:>13}")
+    if any(r.get("x_cat") for r in rows.values()):
+        print(
+            "(cold rows: x cat is the median of each run's time over a cold cat run just before it; cpu s is "
+            "user + system time, the median of the runs)"
+        )
 
     def ratio(a: str, b: str) -> str:
+        if b == "cat (cold)" and x_cat_of(rows, a):
+            return f"{x_cat_of(rows, a):.2f}"
         return f"{rows[a]['seconds'] / rows[b]['seconds']:.2f}" if a in rows and b in rows else "-"
 
     def share(a: str, b: str) -> str:  # how much of a's time b saves
@@ -414,6 +485,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="repetitions of warm rows; the best is kept (default 2)")
     parser.add_argument(
         "--dir", type=Path, help="where to write the series: a disk, for the cold rows (default TMPDIR)"
+    )
+    parser.add_argument(
+        "--cold-repeat", type=int, default=3, help="runs of each cold row, each paired with a cold cat (default 3)"
     )
     parser.add_argument("--no-cold", action="store_true", help="skip the cold rows (e.g. when --dir is a tmpfs)")
     parser.add_argument("--no-scale", action="store_true", help="skip the scale table")
