@@ -3,10 +3,15 @@
 ``run`` catches Ctrl-C and SIGTERM from its first line, before the second or so that importing torch
 takes: a signal at any moment gives one line and exit code 130 (SIGINT) or 143 (SIGTERM), never a
 traceback or a silent death.
+
+On the way out it freezes the garbage collector's objects: the interpreter's last collection at exit
+then skips them instead of walking numba's hundreds of thousands of objects (0.3 s of every merge
+here, after the work is done and the outputs are in place). Atexit handlers and stream flushes still run.
 """
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 
@@ -24,6 +29,8 @@ def run() -> None:
         line, code = stop_line(exc)
         print(line, file=sys.stderr)
         sys.exit(code)
+    finally:
+        gc.freeze()
 
 
 if __name__ == "__main__":

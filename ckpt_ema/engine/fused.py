@@ -24,10 +24,14 @@ cannot be installed, :data:`AVAILABLE` is False and the torch kernel runs. numba
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from types import ModuleType
 
 import numpy as np
 
@@ -40,6 +44,27 @@ MIN_BLOCKS_PER_THREAD = 4  # a smaller call runs in the caller's thread alone
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()  # batch --jobs calls the kernel from several threads
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The garbage collector off for a block (as it was before, after it): loading numba allocates some
+    10^5 objects, which set off collections worth ~0.05 s of its ~0.45 s load here."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _kernels() -> ModuleType:
+    """``_fused_numba``, imported on first use (numba and the cached kernels load then, once per process)."""
+    with _collector_paused():
+        from ckpt_ema.engine import _fused_numba
+
+    return _fused_numba
 
 
 def threads() -> int:
@@ -96,8 +121,7 @@ def weighted_sums(addresses: np.ndarray, in_dtype: str, coefs: np.ndarray, n: in
         n: elements per input.
         out: (outputs, >= n) array of uint16 (BF16 bits) or float32.
     """
-    from ckpt_ema.engine._fused_numba import weighted_sums_kernel
-
+    weighted_sums_kernel = _kernels().weighted_sums_kernel
     like = np.empty(0, dtype=INPUT_KINDS[in_dtype])
     blocks = -(-n // BLOCK)
     count = max(1, min(threads(), blocks // MIN_BLOCKS_PER_THREAD))
@@ -118,8 +142,7 @@ def sum_of_squares(data: memoryview, dtype: str) -> float:
     """Sum of the squared values of raw bytes of a float tensor stored as ``dtype`` (BF16/FP32 in numba,
     float64 sums; other dtypes, or without numba, in numpy with float32 products)."""
     if AVAILABLE and dtype in INPUT_KINDS and len(data):
-        from ckpt_ema.engine._fused_numba import sum_of_squares_kernel
-
+        sum_of_squares_kernel = _kernels().sum_of_squares_kernel
         raw = np.frombuffer(data, dtype=np.uint8)
         like = np.empty(0, dtype=INPUT_KINDS[dtype])
         return float(sum_of_squares_kernel(raw.ctypes.data, like, raw.size // like.itemsize))
@@ -144,8 +167,7 @@ def increment_products(
     Returns the count of non-finite sampled input values. One pass, no temporary arrays per input: the
     numpy version cost as much as the merge's kernel.
     """
-    from ckpt_ema.engine._fused_numba import increment_products_kernel
-
+    increment_products_kernel = _kernels().increment_products_kernel
     like = np.empty(0, dtype=INPUT_KINDS[in_dtype])
     sq, cross1, cross2, distance = sums
     count = len(sample)
