@@ -132,6 +132,34 @@ def test_writer_output_loads_with_dcp_load_and_unzips(tmp_path: Path) -> None:
         assert zipfile.ZipFile(io.BytesIO(raw[info.offset : info.offset + info.length])).testzip() is None
 
 
+def test_data_file_is_the_same_with_writeback_and_shared_templates(tmp_path: Path, monkeypatch) -> None:
+    # Three tensors of one shape and dtype share a blob template (each blob still gets its own CRC-32), and
+    # writeback after every write (output.writer.Writeback) leaves the data file's bytes as they were.
+    from ckpt_ema.output import writer
+
+    state = {f"w{i}": torch.randn(6, 5, generator=torch.Generator().manual_seed(i)) for i in range(3)}
+    state["t"] = torch.randn(5, 6)  # the same bytes, another shape: another template
+    plans = [TensorPlan(n, tuple(t.shape), True, "F32") for n, t in state.items()]
+
+    def write(out: Path) -> bytes:
+        dcp_writer = DcpWriter(out, plans, {})
+        for plan in plans:
+            dcp_writer.write(plan.name, state[plan.name].reshape(-1))
+        dcp_writer.commit()
+        return (out / "__0_0.distcp").read_bytes()
+
+    monkeypatch.setattr(writer, "_FADVISE", None)
+    plain = write(tmp_path / "plain")
+    monkeypatch.undo()
+    monkeypatch.setattr(writer, "WRITEBACK", 1)
+    assert write(tmp_path / "out") == plain
+    loaded = {k: torch.zeros_like(v) for k, v in state.items()}
+    _quiet_load(loaded, tmp_path / "out")
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    for info in read_metadata(tmp_path / "out").storage_data.values():
+        assert zipfile.ZipFile(io.BytesIO(plain[info.offset : info.offset + info.length])).testzip() is None
+
+
 def test_writer_abort_leaves_nothing(tmp_path: Path) -> None:
     plans = [TensorPlan("w", (3, 3), True, "F32")]
     writer = DcpWriter(tmp_path / "out", plans, {})

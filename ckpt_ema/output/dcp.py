@@ -41,6 +41,7 @@ import numpy as np
 from ckpt_ema.errors import InputError, OutputError
 from ckpt_ema.output.writer import (
     TEMP_MARKER,
+    Writeback,
     WriteOptions,
     copy_file,
     remove_stale_temps,
@@ -209,6 +210,7 @@ class DcpDataFile:
         self._pieces = [t if isinstance(t, Piece) else whole(t) for t in tensors]
         self._index = 0
         self._template: BlobTemplate | None = None
+        self._templates: dict[tuple[tuple[int, ...], str], BlobTemplate] = {}  # by shape and dtype
         self._written = 0
         self._crc = 0
         self._blob_start = 0
@@ -217,6 +219,7 @@ class DcpDataFile:
         try:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
             self._file = os.fdopen(os.open(self.temp_path, flags, mode), "wb", buffering=0)
+            self._writeback = Writeback(self._file.fileno())
         except FileExistsError:
             raise OutputError(f"{self.temp_path}: already exists (another run writing {path}?)") from None
         except OSError as exc:
@@ -227,7 +230,10 @@ class DcpDataFile:
         """Start the next tensor (finishing empty ones at once: they have no data to wait for)."""
         while self._index < len(self._pieces):
             piece = self._pieces[self._index]
-            self._template = blob_template(piece.sizes, torch_dtype(piece.tensor.out_dtype))
+            key = (tuple(piece.sizes), piece.tensor.out_dtype)
+            if key not in self._templates:  # torch.save takes ~1 ms; the bytes depend on shape and dtype only
+                self._templates[key] = blob_template(piece.sizes, torch_dtype(piece.tensor.out_dtype))
+            self._template = self._templates[key]
             self._blob_start = self._file.tell()
             self._write(self._template.head)
             self._written, self._crc = 0, 0
@@ -241,6 +247,7 @@ class DcpDataFile:
         except OSError as exc:
             self.abort()
             raise OutputError(f"{self.path}: write failed ({exc.strerror or exc})") from None
+        self._writeback.wrote(memoryview(data).nbytes)
 
     def write(self, name: str, data: np.ndarray) -> None:
         """Append (part of) tensor ``name``; ``data`` is in the output dtype's storage type."""

@@ -273,6 +273,31 @@ def _slot(header: bytes, key: str, width: int) -> int:
     return offset + len(needle) - width - 1
 
 
+class Writeback:
+    """Starts the kernel writing a file to the disk as it grows, every ``WRITEBACK`` bytes, without waiting.
+
+    POSIX_FADV_DONTNEED writes dirty pages back and drops the clean ones: the disk writes the output while
+    the merge reads, instead of all of it in the final fsync, and the page cache does not fill up with the
+    output. Each range starts at the previous call's start, whose pages are written by now and are dropped.
+    Used by every writer of large files (safetensors, DCP data files).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.position = 0  # bytes written so far
+        self._flushed = [0, 0]  # where the last two writebacks started
+
+    def wrote(self, nbytes: int) -> None:
+        """``nbytes`` were appended to the file."""
+        self.position += nbytes
+        if self.position - self._flushed[1] >= WRITEBACK:
+            if _FADVISE is not None:
+                start = self._flushed[0]
+                with contextlib.suppress(OSError):
+                    _FADVISE(self._fd, start, self.position - start, os.POSIX_FADV_DONTNEED)
+            self._flushed = [self._flushed[1], self.position]
+
+
 class SafetensorsWriter:
     """Streams one safetensors file; tensors must be written in the order given, each exactly once."""
 
@@ -295,8 +320,6 @@ class SafetensorsWriter:
         self._written = 0
         self._skip_empty()
         self.total_bytes = len(header) + sum(self._sizes)
-        self._position = len(header)  # bytes in the file so far
-        self._flushed = [0, 0]  # where the last two writebacks started
         self._digest = hashlib.sha256() if self._options.verify else None
         self._file = None
         try:
@@ -304,9 +327,11 @@ class SafetensorsWriter:
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
             fd = os.open(self.temp_path, flags, self._options.mode)
             self._file = os.fdopen(fd, "wb", buffering=0)
+            self._writeback = Writeback(fd)
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self._file.write(header)
+            self._writeback.wrote(len(header))
         except FileExistsError:
             raise OutputError(f"{self.temp_path}: already exists (another run writing {self.path}?)") from None
         except OSError as exc:
@@ -328,9 +353,7 @@ class SafetensorsWriter:
             raise self._os_error("write failed", exc) from None
         if self._digest is not None:
             self._digest.update(view)
-        self._position += view.nbytes
-        if self._position - self._flushed[1] >= WRITEBACK:
-            self._start_writeback()
+        self._writeback.wrote(view.nbytes)
         self._written += view.nbytes
         if self._written > self._sizes[self._index]:
             raise RuntimeError(f"tensor {name!r}: more bytes written than its shape holds")
@@ -338,17 +361,6 @@ class SafetensorsWriter:
             self._index += 1
             self._written = 0
             self._skip_empty()
-
-    def _start_writeback(self) -> None:
-        """Start writing what was written so far to the disk, without waiting (POSIX_FADV_DONTNEED writes
-        dirty pages back and drops the clean ones): the disk writes the output while the merge reads, instead
-        of all of it in the final fsync, and the page cache does not fill up with the output (the range starts
-        at the previous call's, whose pages are written by now and are dropped)."""
-        if _FADVISE is not None:
-            start = self._flushed[0]
-            with contextlib.suppress(OSError):
-                _FADVISE(self._file.fileno(), start, self._position - start, os.POSIX_FADV_DONTNEED)  # type: ignore[union-attr]
-        self._flushed = [self._flushed[1], self._position]
 
     def _skip_empty(self) -> None:
         while self._index < len(self._sizes) and self._sizes[self._index] == 0:
