@@ -10,6 +10,10 @@ process with SIGBUS when a missing page is touched; a short read here is an erro
 A tap (``on_read``) sees every piece right after it was read, in file order for each file, in the thread
 that read it: the inputs' SHA-256 is computed from the very bytes that are merged.
 
+When the pass starts, a thread asks the disk for the first ``START_WINDOW`` bytes of the schedule (in
+rounds across the files, first chunks first): the disk then works while numba and the kernel load
+(~0.4 s, before the first chunk is computed), which the readers, ``depth`` chunks ahead, cannot cover.
+
 Memory: ``depth x checkpoints x stride`` bytes, fixed when the pass starts; open files: one per checkpoint
 being read, at most ``MAX_OPEN`` at once (others are opened for each read).
 """
@@ -32,6 +36,8 @@ MAX_OPEN = 256  # files kept open by the readers (more checkpoints: opened per r
 # quarter of the process's limit on open files
 _FADVISE = getattr(os, "posix_fadvise", None)  # bound once (POSIX only)
 PREFETCH = 8  # chunks past the one being read whose bytes the disk is asked for (POSIX_FADV_WILLNEED)
+START_WINDOW = 512 << 20  # bytes the disk is asked for as the pass starts (at most 1/8 of the free memory)
+START_ROUND = 4  # chunks of every file asked for at a time within that window, first chunks first
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,7 @@ class ReadAhead:
         self._stop = False
         self._workers: list[threading.Thread] = []
         self._last_use = self._last_uses()
+        self._start_positions = self._start_window()
 
     def _last_uses(self) -> dict[int, int]:
         """For each file, the position in the order of its last chunk (its descriptor is closed after it)."""
@@ -206,6 +213,40 @@ class ReadAhead:
                 last[f] = position
         return last
 
+    def _start_window(self) -> int:
+        """How many chunks, from the first, the start-up prefetch covers (0: none)."""
+        if _FADVISE is None or len(set(f for span in self.spans for f in span.files)) > _max_open():
+            return 0
+        budget = min(START_WINDOW, _available_memory() // 8)
+        total = 0
+        for position, (s, c) in enumerate(self._order):
+            total += sum(self.spans[s].piece(j, c).nbytes for j in range(self.checkpoints))
+            if total > budget:
+                return position
+        return len(self._order)
+
+    def _prefetch_start(self) -> None:
+        """Ask for the start window's bytes, ``START_ROUND`` chunks of every file at a time, each file opened
+        for its round and closed again (at most one descriptor more; these are only hints: a file that
+        cannot be opened is the readers' to report)."""
+        for first in range(0, self._start_positions, START_ROUND):
+            ranges: dict[int, list[list[int]]] = {}  # file -> its [offset, end] ranges in this round
+            for position in range(first, min(first + START_ROUND, self._start_positions)):
+                if self._stop:
+                    return
+                if min(self._done) > position:  # the readers are past it already
+                    continue
+                s, c = self._order[position]
+                for j in range(self.checkpoints):
+                    piece = self.spans[s].piece(j, c)
+                    spans = ranges.setdefault(piece.file, [])
+                    if spans and spans[-1][1] == piece.offset:
+                        spans[-1][1] += piece.nbytes
+                    else:
+                        spans.append([piece.offset, piece.offset + piece.nbytes])
+            for file, spans in ranges.items():
+                _advise_will_need(self.files.paths[file], spans)
+
     def address(self, row: int, slot: int) -> int:
         return int(self._sets[slot, row].ctypes.data)
 
@@ -214,6 +255,10 @@ class ReadAhead:
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         """Yields ``(span index, chunk index, slot)``: the set ``sets[slot]`` holds the chunk's rows."""
+        if self._start_positions:
+            starter = threading.Thread(target=self._prefetch_start, name="ckpt-ema-prefetch", daemon=True)
+            self._workers.append(starter)
+            starter.start()
         for t in range(self.threads):
             worker = threading.Thread(target=self._read, args=(t,), name="ckpt-ema-read", daemon=True)
             self._workers.append(worker)
@@ -248,7 +293,7 @@ class ReadAhead:
         self.files.close()
 
     def _prefetch(self, mine: range, position: int) -> None:
-        if position < len(self._order):
+        if self._start_positions <= position < len(self._order):
             s, c = self._order[position]
             for j in mine:
                 piece = self.spans[s].piece(j, c)
@@ -283,6 +328,35 @@ class ReadAhead:
             with self._cond:
                 self._error = self._error or exc
                 self._cond.notify_all()
+
+
+def _advise_will_need(path: Path, ranges: list[list[int]]) -> None:
+    """``POSIX_FADV_WILLNEED`` for each ``[offset, end]`` of ``path`` (errors ignored: only a hint)."""
+    if _FADVISE is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        for offset, end in ranges:
+            _FADVISE(fd, offset, end - offset, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _available_memory() -> int:
+    """``MemAvailable`` in bytes (Linux), else a figure that leaves ``START_WINDOW`` as it is."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 * START_WINDOW
 
 
 def read_exactly(path: Path, expected: FileIdentity | None, offset: int, nbytes: int) -> np.ndarray:
