@@ -44,6 +44,7 @@ MIN_BLOCKS_PER_THREAD = 4  # a smaller call runs in the caller's thread alone
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_lock = threading.Lock()  # batch --jobs calls the kernel from several threads
+_module: ModuleType | None = None  # _fused_numba once imported
 
 
 @contextmanager
@@ -61,10 +62,13 @@ def _collector_paused() -> Iterator[None]:
 
 def _kernels() -> ModuleType:
     """``_fused_numba``, imported on first use (numba and the cached kernels load then, once per process)."""
-    with _collector_paused():
-        from ckpt_ema.engine import _fused_numba
+    global _module
+    if _module is None:
+        with _collector_paused():
+            from ckpt_ema.engine import _fused_numba
 
-    return _fused_numba
+        _module = _fused_numba
+    return _module
 
 
 def threads() -> int:
