@@ -8,7 +8,7 @@ consumer: while the kernel computes chunk ``c``, the disk (or the page cache) de
 Why ``pread`` into buffers rather than a memory mapping: a file truncated under a mapping kills the
 process with SIGBUS when a missing page is touched; a short read here is an error naming the file.
 A tap (``on_read``) sees every piece right after it was read, in file order for each file, in the thread
-that read it: the inputs' SHA-256 is computed from the very bytes that are merged.
+that read it: the inputs' hash is computed from the very bytes that are merged.
 
 When the pass starts, a thread asks the disk for the first ``START_WINDOW`` bytes of the schedule (in
 rounds across the files, first chunks first): the disk then works while numba and the kernel load
@@ -215,7 +215,7 @@ class ReadAhead:
 
     def _start_window(self) -> int:
         """How many chunks, from the first, the start-up prefetch covers (0: none)."""
-        if _FADVISE is None or len(set(f for span in self.spans for f in span.files)) > _max_open():
+        if _FADVISE is None or len(self._last_use) > _max_open():  # _last_use: one entry per file read
             return 0
         budget = min(START_WINDOW, _available_memory() // 8)
         total = 0
@@ -239,13 +239,13 @@ class ReadAhead:
                 s, c = self._order[position]
                 for j in range(self.checkpoints):
                     piece = self.spans[s].piece(j, c)
-                    spans = ranges.setdefault(piece.file, [])
-                    if spans and spans[-1][1] == piece.offset:
-                        spans[-1][1] += piece.nbytes
+                    runs = ranges.setdefault(piece.file, [])
+                    if runs and runs[-1][1] == piece.offset:
+                        runs[-1][1] += piece.nbytes
                     else:
-                        spans.append([piece.offset, piece.offset + piece.nbytes])
-            for file, spans in ranges.items():
-                _advise_will_need(self.files.paths[file], spans)
+                        runs.append([piece.offset, piece.offset + piece.nbytes])
+            for file, runs in ranges.items():
+                _advise_will_need(self.files.paths[file], runs)
 
     def address(self, row: int, slot: int) -> int:
         return int(self._sets[slot, row].ctypes.data)
