@@ -488,6 +488,47 @@ def test_inputs_hashes_recorded_in_the_provenance(tmp_path, algorithm):
         assert f"ckpt_ema.input.{index}.{other}" not in metadata
 
 
+def _data_order(path: Path) -> list[str]:
+    """The tensor names of a safetensors file in the order of their bytes."""
+    with path.open("rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    header.pop("__metadata__", None)
+    return sorted(header, key=lambda name: header[name]["data_offsets"][0])
+
+
+def test_a_mixed_precision_checkpoint_is_read_once_with_its_hash(tmp_path, monkeypatch):
+    """safetensors stores F32 tensors before BF16 ones (by dtype, then by name), so the file's order is not
+    the names' order. The pass follows the file's order: the hash rides on its reads and reads by itself
+    only the headers, instead of the whole file a second time (which is what following the names did)."""
+    from ckpt_ema.jobs.integrity import InputHasher
+
+    paths = []
+    for step in STEPS:
+        g = torch.Generator().manual_seed(step)
+        tensors = {f"layer{i}.weight": torch.randn(256, 256, generator=g).to(torch.bfloat16) for i in range(4)}
+        tensors |= {f"layer{i}.norm": torch.randn(256, generator=g) for i in range(4)}
+        paths.append(tmp_path / f"step-{step}.safetensors")
+        save_file(tensors, str(paths[-1]))
+    assert _data_order(paths[-1]) != sorted(_data_order(paths[-1]))  # the fixture is what it claims
+    read_by_the_hasher = []
+    hash_range = InputHasher._hash_range
+
+    def counting(self, checkpoint, state, stop):
+        read_by_the_hasher.append(max(0, stop - state.cursor))
+        return hash_range(self, checkpoint, state, stop)
+
+    monkeypatch.setattr(InputHasher, "_hash_range", counting)
+    out = tmp_path / "ema.safetensors"
+    assert run("merge", *paths, *TARGET, "-o", out, "--hash-algorithm", "sha256").exit_code == 0
+    headers = sum(8 + int.from_bytes(p.read_bytes()[:8], "little") for p in paths)
+    assert sum(read_by_the_hasher) == headers
+    with safe_open(str(out), "pt") as f:
+        metadata = f.metadata()
+    for index, path in enumerate(paths):
+        assert metadata[f"ckpt_ema.input.{index}.sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert _data_order(out) == _data_order(paths[-1])  # the output keeps the newest input's layout
+
+
 def test_a_sharded_folder_checkpoint_records_the_hash_of_its_sha256sum_manifest(tmp_path):
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     make_folder_series(tmp_path / "run")

@@ -80,7 +80,8 @@ def choose_kernel(kernel: str | None = None) -> str:
 
 class ReadObserver(Protocol):
     """Sees each piece of a file the pass reads, right after it was read, in the thread that read it; for
-    each file in increasing offset order (the input hasher hashes the very bytes that are merged)."""
+    each file in the plan's order, which follows the newest checkpoint's bytes (the input hasher hashes the very
+    bytes that are merged)."""
 
     def after_read(self, file: tuple[int, int], offset: int, data: memoryview) -> None:
         """``data`` holds bytes ``[offset, offset + len(data))`` of file ``(checkpoint, file number)``."""

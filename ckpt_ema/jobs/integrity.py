@@ -5,8 +5,11 @@ hides behind the disk), or SHA-256 on request (``ckpt_ema.input.N.sha256``, the 
 shows for LFS files; ``merge --hash-algorithm sha256``). Without the ``blake3`` package, SHA-256.
 
 The merge's read-ahead hands every piece of a file it reads to :meth:`InputHasher.after_read`, in the thread
-that read it and in increasing offset order per file: the piece is hashed there, from the very buffer the
-kernel then merges, so each input is read once and its recorded SHA-256 is that of the bytes merged.
+that read it and in the plan's order, which is the newest checkpoint's file order (``plan.model.plan_tensors``):
+the piece is hashed there, from the very buffer the kernel then merges, so each input is read once and its
+recorded hash is that of the bytes merged. A piece that comes before the hash's cursor (a file laid out in
+another order than the newest one) was already hashed from a read of the hasher's own: correct, but that
+file is read twice.
 What the pass does not read (headers, non-float tensors, tensors before a piece, checkpoints with
 coefficient 0, files of readers without byte ranges) is read with ``pread`` and hashed in between or when
 the pass ends, by up to one thread per CPU. (``hashlib`` releases the GIL, so hashing runs beside the

@@ -148,15 +148,24 @@ class Plan:
 
 
 def plan_tensors(checkpoints: Sequence[Checkpoint], dtype: str = "auto") -> tuple[TensorPlan, ...]:
-    """Output tensors in name order within each weight file of the newest checkpoint; float ones take
-    ``dtype`` (``same``: the newest checkpoint's dtype)."""
+    """Output tensors in the newest checkpoint's order: file by file, and within a file in the order of its
+    bytes (by name where the reader knows no byte range); float ones take ``dtype`` (``same``: the newest
+    checkpoint's dtype).
+
+    The order of the bytes matters: the pass reads every file front to back, and the inputs' hash, which
+    rides on that read, would otherwise read the file a second time (``jobs/integrity.py``)."""
     if dtype not in OUTPUT_DTYPES:
         raise TargetError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
     source = checkpoints[-1].source
     forced = OUTPUT_DTYPES[dtype]
     plans = []
-    # file by file (a sharded folder is then read one shard at a time), by name within a file
-    for name, info in sorted(source.tensors.items(), key=lambda item: (source.file_number(item[0]), item[0])):
+
+    def place(name: str) -> tuple[int, int, str]:
+        where = source.locate(name)
+        return (source.file_number(name), where[1] if where is not None else 0, name)
+
+    # file by file (a sharded folder is then read one shard at a time), in file order within a file
+    for name, info in sorted(source.tensors.items(), key=lambda item: place(item[0])):
         averaged = info.is_float and not is_lora_alpha(name)  # LoRA alphas are copied like integer buffers
         plans.append(TensorPlan(name, info.shape, averaged, (forced or info.dtype) if averaged else info.dtype))
     return tuple(plans)
