@@ -496,12 +496,33 @@ def _data_order(path: Path) -> list[str]:
     return sorted(header, key=lambda name: header[name]["data_offsets"][0])
 
 
+def _count_the_hashers_own_reads(monkeypatch) -> list[int]:
+    """Bytes the input hasher reads by itself (``pread``), rather than from the pass's reads."""
+    from ckpt_ema.jobs.integrity import InputHasher
+
+    counted: list[int] = []
+    hash_range = InputHasher._hash_range
+
+    def counting(self, checkpoint, state, stop):
+        counted.append(max(0, stop - state.cursor))
+        return hash_range(self, checkpoint, state, stop)
+
+    monkeypatch.setattr(InputHasher, "_hash_range", counting)
+    return counted
+
+
+def _merge_recording_sha256(paths: list[Path], out: Path) -> None:
+    assert run("merge", *paths, *TARGET, "-o", out, "--hash-algorithm", "sha256").exit_code == 0
+    with safe_open(str(out), "pt") as f:
+        metadata = f.metadata()
+    for index, path in enumerate(paths):
+        assert metadata[f"ckpt_ema.input.{index}.sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def test_a_mixed_precision_checkpoint_is_read_once_with_its_hash(tmp_path, monkeypatch):
     """safetensors stores F32 tensors before BF16 ones (by dtype, then by name), so the file's order is not
     the names' order. The pass follows the file's order: the hash rides on its reads and reads by itself
-    only the headers, instead of the whole file a second time (which is what following the names did)."""
-    from ckpt_ema.jobs.integrity import InputHasher
-
+    only the headers, instead of most of the file a second time (which is what following the names did)."""
     paths = []
     for step in STEPS:
         g = torch.Generator().manual_seed(step)
@@ -510,23 +531,26 @@ def test_a_mixed_precision_checkpoint_is_read_once_with_its_hash(tmp_path, monke
         paths.append(tmp_path / f"step-{step}.safetensors")
         save_file(tensors, str(paths[-1]))
     assert _data_order(paths[-1]) != sorted(_data_order(paths[-1]))  # the fixture is what it claims
-    read_by_the_hasher = []
-    hash_range = InputHasher._hash_range
-
-    def counting(self, checkpoint, state, stop):
-        read_by_the_hasher.append(max(0, stop - state.cursor))
-        return hash_range(self, checkpoint, state, stop)
-
-    monkeypatch.setattr(InputHasher, "_hash_range", counting)
+    read_by_the_hasher = _count_the_hashers_own_reads(monkeypatch)
     out = tmp_path / "ema.safetensors"
-    assert run("merge", *paths, *TARGET, "-o", out, "--hash-algorithm", "sha256").exit_code == 0
-    headers = sum(8 + int.from_bytes(p.read_bytes()[:8], "little") for p in paths)
-    assert sum(read_by_the_hasher) == headers
-    with safe_open(str(out), "pt") as f:
-        metadata = f.metadata()
-    for index, path in enumerate(paths):
-        assert metadata[f"ckpt_ema.input.{index}.sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    _merge_recording_sha256(paths, out)
+    assert sum(read_by_the_hasher) == sum(8 + int.from_bytes(p.read_bytes()[:8], "little") for p in paths)
     assert _data_order(out) == _data_order(paths[-1])  # the output keeps the newest input's layout
+
+
+def test_a_torch_file_in_module_order_is_read_once_with_its_hash(tmp_path, monkeypatch):
+    """``torch.save`` stores a state dict's tensors in insertion order (``layer10`` before ``layer2``): the
+    hash reads by itself only the zip's and the pickle's bytes, not the tensors' (6.3 of 9.4 MB before)."""
+    paths = []
+    for step in STEPS:
+        g = torch.Generator().manual_seed(step)
+        state = {f"layer{i}.weight": torch.randn(128, 128, generator=g) for i in (10, 2, 1)}
+        paths.append(tmp_path / f"step-{step}.pt")
+        torch.save(state, paths[-1])
+    read_by_the_hasher = _count_the_hashers_own_reads(monkeypatch)
+    _merge_recording_sha256(paths, tmp_path / "ema.safetensors")
+    tensor_bytes = 3 * 128 * 128 * 4
+    assert 0 < sum(read_by_the_hasher) <= sum(p.stat().st_size - tensor_bytes for p in paths)
 
 
 def test_a_sharded_folder_checkpoint_records_the_hash_of_its_sha256sum_manifest(tmp_path):
