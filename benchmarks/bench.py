@@ -271,17 +271,21 @@ def run_cli(args: list[str], concurrent: int = 1) -> tuple[float, int]:
 
 class Timing(NamedTuple):
     """``seconds``: the best run; ``peak``: the largest peak RSS (or None); ``cpu``: the median CPU seconds
-    (user + system) of the runs; ``x_cat``: the median of each run's time over its paired ``cat`` (cold)."""
+    (user + system) of the runs; ``x_cat``: the median of each run's time over its paired ``cat`` (cold);
+    ``user``: the median user CPU seconds (the steadier figure where writing into tmpfs costs system time
+    that varies several-fold between runs on this VM)."""
 
     seconds: float
     peak: int | None
     cpu: float | None
     x_cat: float | None
+    user: float | None = None
 
 
-def _cpu(children: bool) -> float:
+def _cpu(children: bool) -> tuple[float, float]:
+    """(user, user + system) CPU seconds so far, of the subprocesses or of this process."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime, usage.ru_utime + usage.ru_stime
 
 
 def timing(runs: int, fn, *args, cold: list[Path] | None = None, paired: bool = False, children: bool = True) -> Timing:
@@ -292,7 +296,7 @@ def timing(runs: int, fn, *args, cold: list[Path] | None = None, paired: bool = 
     here; a ratio against the ``cat`` of the same minute is what tells the disk from the tool.
     ``children``: CPU time is that of subprocesses (the CLI), else of this process (the engine).
     """
-    times, peaks, cpus, ratios = [], [], [], []
+    times, peaks, cpus, users, ratios = [], [], [], [], []
     for _ in range(runs):
         cat_seconds = None
         if cold is not None and paired:
@@ -300,9 +304,11 @@ def timing(runs: int, fn, *args, cold: list[Path] | None = None, paired: bool = 
             cat_seconds = cat_pass(cold)
         if cold is not None:
             drop_cache(cold)
-        before = _cpu(children)
+        user_before, cpu_before = _cpu(children)
         result = fn(*args)
-        cpus.append(_cpu(children) - before)
+        user_after, cpu_after = _cpu(children)
+        cpus.append(cpu_after - cpu_before)
+        users.append(user_after - user_before)
         seconds, peak = result if isinstance(result, tuple) else (result, None)
         times.append(seconds)
         peaks.append(peak)
@@ -314,6 +320,7 @@ def timing(runs: int, fn, *args, cold: list[Path] | None = None, paired: bool = 
         max(peak_values) if peak_values else None,
         statistics.median(cpus),
         statistics.median(ratios) if ratios else None,
+        statistics.median(users),
     )
 
 
@@ -342,6 +349,7 @@ def main_table(series: Path, paths: list[Path], warm_out: Path, cold_out: Path, 
             "seconds": result.seconds,
             "peak_rss": result.peak,
             "cpu": result.cpu,
+            "user": result.user,
             "x_cat": result.x_cat,
             "mode": mode,
         }
@@ -420,7 +428,7 @@ def print_report(info: dict, rows: dict, scale: dict | None) -> None:
     print(
         f"\n{info['count']} x {info['size_mb']} MB BF16 ({info['bytes'] / 1e9:.2f} GB read, {info['tensors']} tensors per checkpoint)"
     )
-    header = f"{'':34} {'s':>7} {'GB/s':>6} {'x cat':>6} {'x read':>6} {'cpu s':>6} {'peak anon RSS':>13}"
+    header = f"{'':34} {'s':>7} {'GB/s':>6} {'x cat':>6} {'x read':>6} {'cpu s':>6} {'user s':>6} {'peak anon RSS':>13}"
     print(header)
     print("-" * len(header))
     size = info["bytes"]
@@ -428,22 +436,30 @@ def print_report(info: dict, rows: dict, scale: dict | None) -> None:
         seconds = r["seconds"]
         rss = f"{r['peak_rss'] / 2**20:10.0f} MB" if r.get("peak_rss") else ""
         cpu = f"{r['cpu']:6.2f}" if r.get("cpu") is not None else ""
+        user = f"{r['user']:6.2f}" if r.get("user") is not None else ""
         if label in ("ckpt-ema --help", "ckpt-ema plan"):
-            print(f"{label:34} {seconds:7.3f} {'':>6} {'':>6} {'':>6} {cpu:>6} {rss:>13}")
+            print(f"{label:34} {seconds:7.3f} {'':>6} {'':>6} {'':>6} {cpu:>6} {user:>6} {rss:>13}")
             continue
         x_cat = f"{x_cat_of(rows, label):6.2f}" if x_cat_of(rows, label) else ""
         x_read = f"{seconds / rows['read (warm)']['seconds']:6.2f}" if r["mode"] == "warm" else ""
-        print(f"{label:34} {seconds:7.3f} {size / seconds / 1e9:6.2f} {x_cat:>6} {x_read:>6} {cpu:>6} {rss:>13}")
+        print(
+            f"{label:34} {seconds:7.3f} {size / seconds / 1e9:6.2f} {x_cat:>6} {x_read:>6} {cpu:>6} {user:>6} {rss:>13}"
+        )
     if any(r.get("x_cat") for r in rows.values()):
         print(
             "(cold rows: x cat is the median of each run's time over a cold cat run just before it; cpu s is "
-            "user + system time, the median of the runs)"
+            "user + system time, user s user time alone, medians of the runs)"
         )
 
     def ratio(a: str, b: str) -> str:
         if b == "cat (cold)" and x_cat_of(rows, a):
             return f"{x_cat_of(rows, a):.2f}"
         return f"{rows[a]['seconds'] / rows[b]['seconds']:.2f}" if a in rows and b in rows else "-"
+
+    def user_ratio(a: str, b: str) -> str:
+        if a in rows and b in rows and rows[a].get("user") and rows[b].get("user"):
+            return f"{rows[a]['user'] / rows[b]['user']:.2f}"
+        return "-"
 
     def share(a: str, b: str) -> str:  # how much of a's time b saves
         return f"{100 * (1 - rows[b]['seconds'] / rows[a]['seconds']):.0f}%" if a in rows and b in rows else "-"
@@ -456,6 +472,11 @@ def print_report(info: dict, rows: dict, scale: dict | None) -> None:
             f"{read / rows['ckpt-ema 1 (warm)']['seconds']:.2f} of read speed "
             f"({read / rows['ckpt-ema 1 --no-hash (warm)']['seconds']:.2f} with --no-hash); "
             f"the hash is {share('ckpt-ema 1 (warm)', 'ckpt-ema 1 --no-hash (warm)')} of the 1-target wall time"
+        )
+        print(
+            f"warm, user CPU seconds (writing into tmpfs adds system time that varies between runs): 4 targets / "
+            f"1 = {user_ratio('ckpt-ema 4 (warm)', 'ckpt-ema 1 (warm)')} "
+            f"({user_ratio('ckpt-ema 4 --no-hash (warm)', 'ckpt-ema 1 --no-hash (warm)')} with --no-hash)"
         )
     if "ckpt-ema 1 (cold)" in rows:
         print(
