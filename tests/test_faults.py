@@ -540,7 +540,8 @@ def test_a_mixed_precision_checkpoint_is_read_once_with_its_hash(tmp_path, monke
 
 def test_a_torch_file_in_module_order_is_read_once_with_its_hash(tmp_path, monkeypatch):
     """``torch.save`` stores a state dict's tensors in insertion order (``layer10`` before ``layer2``): the
-    hash reads by itself only the zip's and the pickle's bytes, not the tensors' (6.3 of 9.4 MB before)."""
+    hash reads by itself only the zip's and the pickle's bytes, not the tensors' (before the plan followed the
+    bytes, it read 666130 of this series' 983040 tensor bytes itself)."""
     paths = []
     for step in STEPS:
         g = torch.Generator().manual_seed(step)
