@@ -144,3 +144,37 @@ def test_fused_targets_in_groups_give_the_same_bytes_as_alone(n_out):
         assert np.array_equal(alone[0], together[k]), k
         reference = sum(coefs[k, j].astype(np.float64) * inputs[j].double().numpy() for j in range(9))
         assert np.allclose(together[k], reference, rtol=0, atol=9 * 2.0**-23 * 4.0)
+
+
+@pytest.mark.skipif(not fused.AVAILABLE, reason="numba not installed")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_estimates_sums_match_float64_split_over_threads_or_not(monkeypatch, threads):
+    """fused.increment_products on a sample of 30,000 positions (split between 3 threads or not) against
+    the increments' products written out in float64 numpy; a NaN and an Inf in the sample are counted."""
+    monkeypatch.setattr(fused, "threads", lambda: threads)
+    rng = np.random.default_rng(threads)
+    n, n_in = 100_003, 6
+    inputs = [torch.tensor(rng.normal(0, 1, n), dtype=torch.bfloat16) for _ in range(n_in)]
+    sample = np.sort(rng.choice(n, 30_000, replace=False)).astype(np.int64)
+    inputs[2][int(sample[7])] = float("nan")
+    inputs[4][int(sample[-3])] = float("inf")
+    outputs = rng.normal(0, 1, (3, n)).astype(np.float32)
+    rows = np.array([2, 0], dtype=np.int64)
+    addresses = np.array([x.data_ptr() for x in inputs], dtype=np.int64)
+    sums = (np.zeros(n_in - 1), np.zeros(n_in - 1), np.zeros(n_in - 1), np.zeros(2))
+    bad = fused.increment_products(addresses, "BF16", sample, outputs, rows, sums)
+    assert bad == 2
+    finite = np.ones(len(sample), dtype=bool)
+    finite[[7, len(sample) - 3]] = False  # compare the sums over the other elements
+    x = np.stack([t.double().numpy()[sample] for t in inputs])
+    d = np.diff(x, axis=0)
+    assert np.isnan(sums[0][1]) and np.isnan(sums[0][2])  # the gaps next to the NaN
+    d, x = d[:, finite], x[:, finite]
+    sums2 = (np.zeros(n_in - 1), np.zeros(n_in - 1), np.zeros(n_in - 1), np.zeros(2))
+    keep = sample[finite]
+    assert fused.increment_products(addresses, "BF16", keep, outputs, rows, sums2) == 0
+    assert np.allclose(sums2[0], (d**2).sum(axis=1), rtol=1e-12)
+    assert np.allclose(sums2[1][:-1], (d[:-1] * d[1:]).sum(axis=1), rtol=1e-12)
+    assert np.allclose(sums2[2][:-2], (d[:-2] * d[2:]).sum(axis=1), rtol=1e-12)
+    distance = [((outputs[r][keep].astype(np.float64) - x[-1]) ** 2).sum() for r in rows]
+    assert np.allclose(sums2[3], distance, rtol=1e-12)

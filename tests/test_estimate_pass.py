@@ -48,10 +48,12 @@ def _flat(state) -> np.ndarray:
     return np.concatenate([v.double().reshape(-1).numpy() for k, v in state.items() if v.is_floating_point()])
 
 
-def _pass(plan, stride=None):
+def _pass(plan, stride=None, run=None):
     gatherer = gather.EstimateGatherer(plan)
     if stride is not None:
         gatherer.stride = stride
+    if run is not None:
+        gatherer.run = run
     sinks = [MemorySink(plan.tensors) for _ in plan.outputs]
     for _ in MergePass(plan, sinks, chunk_elements=37, chunk_sink=gatherer):  # chunks cut tensors anywhere
         pass
@@ -85,9 +87,73 @@ def test_a_subsample_of_the_elements_gives_nearly_the_same_statistics(run):
     states, folder = run
     plan = plan_merge([folder / "run"], decay=[0.99], init=folder / "init" / "step-000000.safetensors")
     full, _ = _pass(plan)
-    sampled, _ = _pass(plan, stride=3)
+    sampled, _ = _pass(plan, stride=3, run=1)  # single elements: the tiny model holds too few runs of 32
     assert np.allclose(sampled.sq * 3, full.sq, rtol=0.35)
     assert sampled.sq.sum() * 3 == pytest.approx(full.sq.sum(), rel=0.15)
+
+
+@pytest.mark.parametrize("stride, run", [(1, 32), (3, 1), (3, 32), (7, 5), (2, 64)])
+def test_the_sample_is_runs_placed_over_the_whole_pass(stride, run):
+    """Chunks of any size (smaller than a run too), one after another: their positions together are the
+    elements i with (i // run) % stride == 0, written out by brute force."""
+    rng = np.random.default_rng(stride * 100 + run)
+    sizes = [int(n) for n in rng.integers(1, 200, size=60)]
+    got, seen = [], 0
+    for size in sizes:
+        positions = gather.sample_positions(seen, size, stride, run)
+        assert positions.dtype == np.int64 and np.all(np.diff(positions) > 0)
+        assert positions.size == 0 or (positions[0] >= 0 and positions[-1] < size)
+        got.extend(int(i) + seen for i in positions)
+        seen += size
+    assert got == [i for i in range(seen) if (i // run) % stride == 0]
+
+
+def _random_walk(tmp_path, checkpoints=8):
+    """A series of FP32 checkpoints whose tensors move at very different scales (so a sample that
+    favoured one tensor would show), with drift and noise (so the increments are correlated)."""
+    rng = np.random.default_rng(5)
+    shapes = {"a.weight": ((300, 200), 1.0), "b.bias": ((5000,), 0.05), "c.weight": ((90, 110), 4.0)}
+    theta = {k: rng.normal(size=shape) for k, (shape, _) in shapes.items()}
+    drift = {k: rng.normal(size=shape) * scale for k, (shape, scale) in shapes.items()}
+    states = []
+    for _ in range(checkpoints + 1):
+        states.append({k: torch.from_numpy(v.astype(np.float32)) for k, v in theta.items()})
+        theta = {k: v + drift[k] * 0.3 + rng.normal(size=v.shape) * shapes[k][1] for k, v in theta.items()}
+    save_series(states, tmp_path / "run", range(1, checkpoints + 1))
+    return states, tmp_path / "run"
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_subsample_in_runs_holds_exactly_its_elements_and_nearly_the_whole(tmp_path, monkeypatch, compiled):
+    """The runs' sums against float64 numpy over the brute-force sample positions (exact), and against
+    the sums over every element (close: ~2000 runs of 32 over tensors of very different scales); in the
+    numba kernel and in the numpy batches."""
+    if not compiled:
+        monkeypatch.setattr(gather.fused, "AVAILABLE", False)
+    elif not gather.fused.AVAILABLE:
+        pytest.skip("numba not installed")
+    states, folder = _random_walk(tmp_path)
+    plan = plan_merge([folder], decay=[0.9])
+    names = [t.name for t in plan.tensors]  # the pass's order, which places the sample
+    thetas = np.stack(
+        [np.concatenate([states[c.step][n].double().reshape(-1).numpy() for n in names]) for c in plan.checkpoints]
+    )
+    stride, run = 4, 32
+    chosen = np.array([i for i in range(thetas.shape[1]) if (i // run) % stride == 0])
+    d = np.diff(thetas[:, chosen], axis=0)
+    sampled, sinks = _pass(plan, stride=stride, run=run)
+    assert np.allclose(sampled.sq, (d**2).sum(axis=1), rtol=1e-9)
+    assert np.allclose(sampled.cross1[:-1], (d[:-1] * d[1:]).sum(axis=1), rtol=1e-9)  # per gap j: <d_j, d_j+1>
+    assert np.allclose(sampled.cross2[:-2], (d[:-2] * d[2:]).sum(axis=1), rtol=1e-9)
+    result = np.concatenate([sinks[0].state_dict[n].double().reshape(-1).numpy() for n in names])
+    distance = ((result[chosen] - thetas[-1, chosen]) ** 2).sum()
+    assert sampled.distance_sq[0] == pytest.approx(distance, rel=1e-4)  # the result is FP32
+    full_d = np.diff(thetas, axis=0)
+    full_sq = (full_d**2).sum(axis=1)
+    assert np.allclose(sampled.sq * stride, full_sq, rtol=0.05)
+    # the cross products are small beside the squares (mostly noise): close on the squares' scale
+    full_cross1 = (full_d[:-1] * full_d[1:]).sum(axis=1)
+    assert np.allclose(sampled.cross1[:-1] * stride, full_cross1, rtol=0, atol=0.05 * full_sq.mean())
 
 
 def test_estimates_after_the_pass_against_per_step_truth(run):

@@ -287,38 +287,41 @@ def sum_of_squares_kernel(address, like, n):  # pragma: no cover - compiled
     return total
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, cache=True)
 def increment_products_kernel(
-    addresses, like, first, count, stride, outputs, rows, sq, cross1, cross2, distance
+    addresses, like, index, outputs, rows, sq, cross1, cross2, distance
 ):  # pragma: no cover - compiled
-    """The error estimate's sums over a sample of one chunk (see ``fused.increment_products``), in float64."""
+    """The error estimate's sums over the elements ``index`` (ascending) of one chunk (see
+    ``fused.increment_products``), in float64."""
     n_in = addresses.shape[0]
-    last = first + (count - 1) * stride + 1
+    count = index.shape[0]
+    last = index[count - 1] + 1
     previous = np.empty(count, dtype=np.float64)
-    d1 = np.empty(count, dtype=np.float64)
-    d2 = np.empty(count, dtype=np.float64)
+    d1 = np.zeros(count, dtype=np.float64)  # the increments of the gap before (0 until there is one)
+    d2 = np.zeros(count, dtype=np.float64)  # and of the gap before that
     bad = 0
-    for j in range(n_in):
+    for j in range(n_in):  # branch-free inner loops (they vectorise): the first input only seeds previous
         x = numba.carray(_pointer(addresses[j], like), last)
+        if j == 0:
+            for e in range(count):
+                value = np.float64(_f32(x[index[e]]))
+                bad += not math.isfinite(value)
+                previous[e] = value
+            continue
         s = 0.0
         c1 = 0.0
         c2 = 0.0
         for e in range(count):
-            value = np.float64(_f32(x[first + e * stride]))
-            if not math.isfinite(value):
-                bad += 1
-            if j >= 1:
-                d = value - previous[e]
-                s += d * d
-                if j >= 2:
-                    c1 += d1[e] * d
-                if j >= 3:
-                    c2 += d2[e] * d
-                d2[e] = d1[e]
-                d1[e] = d
+            value = np.float64(_f32(x[index[e]]))
+            bad += not math.isfinite(value)
+            d = value - previous[e]
+            s += d * d
+            c1 += d1[e] * d
+            c2 += d2[e] * d
+            d2[e] = d1[e]
+            d1[e] = d
             previous[e] = value
-        if j >= 1:
-            sq[j - 1] += s
+        sq[j - 1] += s
         if j >= 2:
             cross1[j - 2] += c1
         if j >= 3:
@@ -327,7 +330,7 @@ def increment_products_kernel(
         row = outputs[rows[k]]
         total = 0.0
         for e in range(count):
-            d = np.float64(_f32(row[first + e * stride])) - previous[e]
+            d = np.float64(_f32(row[index[e]])) - previous[e]
             total += d * d
         distance[k] += total
     return bad

@@ -40,6 +40,7 @@ INPUT_KINDS = {"BF16": np.uint16, "F32": np.float32}
 OUTPUT_KINDS = {"BF16": np.uint16, "F32": np.float32}
 BLOCK = 16384  # elements per block: 4 FP32 accumulators (256 KB) stay in L2; measured vs 4096 and 65536
 MIN_BLOCKS_PER_THREAD = 4  # a smaller call runs in the caller's thread alone
+MIN_SAMPLE_PER_THREAD = 4096  # the same for the estimate's sums (sampled elements per thread)
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -158,25 +159,38 @@ def sum_of_squares(data: memoryview, dtype: str) -> float:
 def increment_products(
     addresses: np.ndarray,
     in_dtype: str,
-    sample: range,
+    sample: np.ndarray,
     outputs: np.ndarray,
     rows: np.ndarray,
     sums: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
 ) -> int:
-    """Add the error estimate's sums over the elements ``sample`` of one chunk (jobs/estimate.py), in float64.
+    """Add the error estimate's sums over the elements ``sample`` (int64 positions, ascending, not empty) of
+    one chunk (jobs/estimate.py), in float64.
 
     With ``x_j`` the sampled values of input ``j`` (``addresses[j]``, all ``in_dtype``) and ``d_j = x_j -
     x_{j-1}``: ``sq[j-1] += sum d_j^2``, ``cross1[j-2] += sum d_{j-1} d_j``, ``cross2[j-3] += sum d_{j-2} d_j``,
     and ``distance[k] += sum (outputs[rows[k]] - x_last)^2`` (``sums = (sq, cross1, cross2, distance)``).
     Returns the count of non-finite sampled input values. One pass, no temporary arrays per input: the
-    numpy version cost as much as the merge's kernel.
+    numpy version cost as much as the merge's kernel. A large sample is split between the kernel threads,
+    each summing its part into sums of its own (the sums are over elements, so the parts add up).
     """
     increment_products_kernel = _kernels().increment_products_kernel
     like = np.empty(0, dtype=INPUT_KINDS[in_dtype])
-    sq, cross1, cross2, distance = sums
-    count = len(sample)
-    return int(
-        increment_products_kernel(
-            addresses, like, sample.start, count, sample.step, outputs, rows, sq, cross1, cross2, distance
-        )
-    )
+    count = max(1, min(threads(), len(sample) // MIN_SAMPLE_PER_THREAD))
+    parts = np.array_split(sample, count)
+    own = [sums] + [tuple(np.zeros_like(a) for a in sums) for _ in parts[1:]]
+    futures = []
+    if count > 1:
+        pool = _workers(count - 1)
+        futures = [
+            pool.submit(increment_products_kernel, addresses, like, part, outputs, rows, *part_sums)
+            for part, part_sums in zip(parts[1:], own[1:])
+        ]
+    try:
+        bad = int(increment_products_kernel(addresses, like, parts[0], outputs, rows, *sums))
+    finally:
+        bad_elsewhere = _results(futures)
+    for part_sums in own[1:]:
+        for total, part_sum in zip(sums, part_sums):
+            total += part_sum
+    return bad + bad_elsewhere
