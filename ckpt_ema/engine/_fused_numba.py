@@ -94,12 +94,17 @@ def _f32_bits(typingctx, value):
 
 @numba.njit(fastmath={"contract"}, inline="always")
 def _finish(acc, out, lo, m):
-    """Round the block to the output dtype; count non-finite values."""
+    """Round the block to the output dtype; count non-finite values.
+
+    Stores go through the slice ``out[lo : lo + m]`` indexed from 0: with ``out[lo + i]`` numba keeps its
+    negative-index wrap-around, and LLVM then stored element by element (1.4x slower with 1 target, 1.8x
+    with 4, in a single-thread measurement of the whole kernel)."""
     bad = 0
+    dst = out[lo : lo + m]
     for i in range(m):
         value = acc[i]
         bad += (_f32_bits(value) & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
-        _store(out, lo + i, value)
+        _store(dst, i, value)
     return bad
 
 
