@@ -6,6 +6,8 @@ of large matrices and small biases/norms plus an integer buffer), then measures,
 - ``cat``: ``cat FILES > /dev/null`` (the disk's or the page cache's speed through read(2));
 - ``read``: every file memory-mapped and every 32-bit word touched (a max-reduction on all cores);
 - ``engine N``: ckpt-ema's streaming pass alone, in this process, outputs discarded;
+- ``write N``: writing N outputs' bytes (one checkpoint's size each) with ``write`` and ``fsync``, nothing
+  computed: with ``cat``, the floor of a merge that reads the inputs and writes N targets;
 - ``ckpt-ema N``: ``python -m ckpt_ema merge`` as a subprocess writing real outputs, with N = 1, 4, 16
   targets, with the default hash of the inputs (BLAKE3) and with ``--no-hash``;
 - ``--help`` and ``plan``: the command's start-up (``plan`` reads the headers and plans).
@@ -161,6 +163,26 @@ def cat_pass(paths: list[Path]) -> float:
     return time.perf_counter() - start
 
 
+def write_pass(dest: Path, files: int, nbytes: int) -> float:
+    """Write ``files`` files of ``nbytes`` bytes each into ``dest`` (8 MB ``write`` calls, ``fsync`` each, as
+    the merge does for its outputs), then delete them: what writing the outputs' bytes alone costs."""
+    block = np.ones(8 << 20, dtype=np.uint8)
+    dest.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for i in range(files):
+        fd = os.open(dest / f"write-{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            left = nbytes
+            while left > 0:
+                left -= os.write(fd, memoryview(block)[: min(left, len(block))])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(dest, ignore_errors=True)
+    return seconds
+
+
 def read_pass(paths: list[Path]) -> float:
     """Map each file and touch every 32-bit word (so every BF16 value) with a max-reduction (all cores)."""
     import torch
@@ -273,13 +295,15 @@ class Timing(NamedTuple):
     """``seconds``: the best run; ``peak``: the largest peak RSS (or None); ``cpu``: the median CPU seconds
     (user + system) of the runs; ``x_cat``: the median of each run's time over its paired ``cat`` (cold);
     ``user``: the median user CPU seconds (the steadier figure where writing into tmpfs costs system time
-    that varies several-fold between runs on this VM)."""
+    that varies several-fold between runs on this VM); ``paired_cat``: the median time of the paired ``cat``
+    runs (cold)."""
 
     seconds: float
     peak: int | None
     cpu: float | None
     x_cat: float | None
     user: float | None = None
+    paired_cat: float | None = None
 
 
 def _cpu(children: bool) -> tuple[float, float]:
@@ -296,7 +320,7 @@ def timing(runs: int, fn, *args, cold: list[Path] | None = None, paired: bool = 
     here; a ratio against the ``cat`` of the same minute is what tells the disk from the tool.
     ``children``: CPU time is that of subprocesses (the CLI), else of this process (the engine).
     """
-    times, peaks, cpus, users, ratios = [], [], [], [], []
+    times, peaks, cpus, users, ratios, cats = [], [], [], [], [], []
     for _ in range(runs):
         cat_seconds = None
         if cold is not None and paired:
@@ -314,6 +338,7 @@ def timing(runs: int, fn, *args, cold: list[Path] | None = None, paired: bool = 
         peaks.append(peak)
         if cat_seconds:
             ratios.append(seconds / cat_seconds)
+            cats.append(cat_seconds)
     peak_values = [p for p in peaks if p is not None]
     return Timing(
         min(times),
@@ -321,6 +346,7 @@ def timing(runs: int, fn, *args, cold: list[Path] | None = None, paired: bool = 
         statistics.median(cpus),
         statistics.median(ratios) if ratios else None,
         statistics.median(users),
+        statistics.median(cats) if cats else None,
     )
 
 
@@ -351,6 +377,7 @@ def main_table(series: Path, paths: list[Path], warm_out: Path, cold_out: Path, 
             "cpu": result.cpu,
             "user": result.user,
             "x_cat": result.x_cat,
+            "paired_cat": result.paired_cat,
             "mode": mode,
         }
         paired = f"  ({result.x_cat:.2f} x its cat)" if result.x_cat else ""
@@ -364,6 +391,9 @@ def main_table(series: Path, paths: list[Path], warm_out: Path, cold_out: Path, 
     engine_pass(series, TARGETS[1])  # warm-up (numba loads its cache or compiles)
     for n in (1, 4, 16):
         row(f"engine {n} (warm)", timing(repeat, engine_pass, series, TARGETS[n], children=False))
+    output_bytes = paths[-1].stat().st_size  # one output per target, in the inputs' dtype
+    for n in (1, 4, 16):
+        row(f"write {n} (warm)", timing(repeat, write_pass, warm_out / "write", n, output_bytes, children=False))
     for n in (1, 4, 16):
         for flags in ([], ["--no-hash"]):
             label = f"ckpt-ema {n}{' --no-hash' if flags else ''} (warm)"
@@ -372,6 +402,9 @@ def main_table(series: Path, paths: list[Path], warm_out: Path, cold_out: Path, 
     if not args.no_cold:
         cold_repeat = max(1, args.cold_repeat)
         row("cat (cold)", timing(cold_repeat, cat_pass, paths, cold=paths), mode="cold")
+        for n in (1, 4, 16):
+            result = timing(cold_repeat, write_pass, cold_out / "write", n, output_bytes, children=False)
+            row(f"write {n} (cold)", result, mode="cold")
         for n in (1, 4, 16):
             result = timing(cold_repeat, engine_pass, series, TARGETS[n], cold=paths, paired=True, children=False)
             row(f"engine {n} (cold)", result, mode="cold")
@@ -440,10 +473,13 @@ def print_report(info: dict, rows: dict, scale: dict | None) -> None:
         if label in ("ckpt-ema --help", "ckpt-ema plan"):
             print(f"{label:34} {seconds:7.3f} {'':>6} {'':>6} {'':>6} {cpu:>6} {user:>6} {rss:>13}")
             continue
+        moved = size  # bytes read, or for the write rows bytes written
+        if label.startswith("write "):
+            moved = int(label.split()[1]) * info.get("output_bytes", size // info["count"])
         x_cat = f"{x_cat_of(rows, label):6.2f}" if x_cat_of(rows, label) else ""
         x_read = f"{seconds / rows['read (warm)']['seconds']:6.2f}" if r["mode"] == "warm" else ""
         print(
-            f"{label:34} {seconds:7.3f} {size / seconds / 1e9:6.2f} {x_cat:>6} {x_read:>6} {cpu:>6} {user:>6} {rss:>13}"
+            f"{label:34} {seconds:7.3f} {moved / seconds / 1e9:6.2f} {x_cat:>6} {x_read:>6} {cpu:>6} {user:>6} {rss:>13}"
         )
     if any(r.get("x_cat") for r in rows.values()):
         print(
@@ -484,6 +520,23 @@ def print_report(info: dict, rows: dict, scale: dict | None) -> None:
             f"{ratio('ckpt-ema 4 (cold)', 'cat (cold)')} x cat, 16 = {ratio('ckpt-ema 16 (cold)', 'cat (cold)')} x cat; "
             f"4 / 1 = {ratio('ckpt-ema 4 (cold)', 'ckpt-ema 1 (cold)')}; the hash is "
             f"{share('ckpt-ema 1 (cold)', 'ckpt-ema 1 --no-hash (cold)')} of the 1-target wall time"
+        )
+    for mode in ("warm", "cold"):
+        if f"write 1 ({mode})" not in rows or f"ckpt-ema 1 ({mode})" not in rows:
+            continue
+        floors = {}  # reading the inputs (cold: the paired cat's median) and writing n outputs' bytes
+        for n in (1, 4, 16):
+            merge = rows[f"ckpt-ema {n} --no-hash ({mode})"]
+            cat = merge.get("paired_cat") or rows[f"cat ({mode})"]["seconds"]
+            floors[n] = cat + rows[f"write {n} ({mode})"]["seconds"]
+        print(
+            f"{mode}, --no-hash against reading the inputs and writing the outputs' bytes (cat + write"
+            f"{', the paired cat' if mode == 'cold' else ''}): "
+            + ", ".join(
+                f"{n} target{'s' if n > 1 else ''} {rows[f'ckpt-ema {n} --no-hash ({mode})']['seconds'] / floors[n]:.2f}"
+                f" (floor {floors[n]:.2f} s)"
+                for n in (1, 4, 16)
+            )
         )
     if scale:
         print("\nscale (warm, default hash): wall seconds by series bytes and targets")
@@ -548,6 +601,7 @@ def main() -> None:
                 "count": args.count,
                 "size_mb": args.size_mb,
                 "bytes": sum(p.stat().st_size for p in paths),
+                "output_bytes": paths[-1].stat().st_size,
                 "tensors": len(layout(args.size_mb << 20)) + 1,
             }
             rows = main_table(series, paths, warm_out, folder / "out", args)
