@@ -473,9 +473,7 @@ def print_report(info: dict, rows: dict, scale: dict | None) -> None:
         if label in ("ckpt-ema --help", "ckpt-ema plan"):
             print(f"{label:34} {seconds:7.3f} {'':>6} {'':>6} {'':>6} {cpu:>6} {user:>6} {rss:>13}")
             continue
-        moved = size  # bytes read, or for the write rows bytes written
-        if label.startswith("write "):
-            moved = int(label.split()[1]) * info.get("output_bytes", size // info["count"])
+        moved = int(label.split()[1]) * info["output_bytes"] if label.startswith("write ") else size  # bytes
         x_cat = f"{x_cat_of(rows, label):6.2f}" if x_cat_of(rows, label) else ""
         x_read = f"{seconds / rows['read (warm)']['seconds']:6.2f}" if r["mode"] == "warm" else ""
         print(
@@ -522,21 +520,21 @@ def print_report(info: dict, rows: dict, scale: dict | None) -> None:
             f"{share('ckpt-ema 1 (cold)', 'ckpt-ema 1 --no-hash (cold)')} of the 1-target wall time"
         )
     for mode in ("warm", "cold"):
-        if f"write 1 ({mode})" not in rows or f"ckpt-ema 1 ({mode})" not in rows:
+        if f"write 1 ({mode})" not in rows or f"ckpt-ema 1 --no-hash ({mode})" not in rows:
             continue
-        floors = {}  # reading the inputs (cold: the paired cat's median) and writing n outputs' bytes
+        against_floor = []
         for n in (1, 4, 16):
             merge = rows[f"ckpt-ema {n} --no-hash ({mode})"]
-            cat = merge.get("paired_cat") or rows[f"cat ({mode})"]["seconds"]
-            floors[n] = cat + rows[f"write {n} ({mode})"]["seconds"]
+            # reading the inputs (cold: the median of the merge's paired cats) and writing n outputs' bytes
+            floor = (merge.get("paired_cat") or rows[f"cat ({mode})"]["seconds"]) + rows[f"write {n} ({mode})"][
+                "seconds"
+            ]
+            against_floor.append(
+                f"{n} target{'s' if n > 1 else ''} {merge['seconds'] / floor:.2f} (floor {floor:.2f} s)"
+            )
         print(
             f"{mode}, --no-hash against reading the inputs and writing the outputs' bytes (cat + write"
-            f"{', the paired cat' if mode == 'cold' else ''}): "
-            + ", ".join(
-                f"{n} target{'s' if n > 1 else ''} {rows[f'ckpt-ema {n} --no-hash ({mode})']['seconds'] / floors[n]:.2f}"
-                f" (floor {floors[n]:.2f} s)"
-                for n in (1, 4, 16)
-            )
+            f"{', the paired cat' if mode == 'cold' else ''}): " + ", ".join(against_floor)
         )
     if scale:
         print("\nscale (warm, default hash): wall seconds by series bytes and targets")
