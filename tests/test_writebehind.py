@@ -89,3 +89,84 @@ def test_the_pass_writes_the_same_bytes_as_float64_with_several_outputs_and_smal
             got = sink.arrays[name]
             assert got.dtype == np.float32
             assert np.allclose(got, expected, rtol=1e-5, atol=1e-6), (k, name)
+
+
+def test_together_runs_a_tasks_jobs_at_the_same_time_and_raises_the_first_error():
+    """Two jobs that each wait for the other can only finish if they run at once."""
+    writes = WriteBehind(workers=2)
+    meet = threading.Barrier(2, timeout=60)
+    names: list[str] = []
+
+    def job() -> None:
+        meet.wait()  # BrokenBarrierError after 60 s if the jobs ran one after the other
+        names.append(threading.current_thread().name)
+
+    writes.submit(lambda: writes.together([job, job]))
+    writes.drain()
+    assert sorted(names) == ["ckpt-ema-write", "ckpt-ema-write-1"]
+
+    def fail() -> None:
+        raise OSError(28, "No space left on device")
+
+    ran: list[int] = []
+    writes.submit(lambda: writes.together([lambda: ran.append(1), fail, lambda: ran.append(3)]))
+    with pytest.raises(OSError, match="No space"):
+        writes.drain()
+    assert sorted(ran) == [1, 3]  # the other jobs of the task still ran: each output's file stays whole
+    writes.close()
+
+
+def test_close_returns_while_a_helpers_write_is_stuck():
+    writes = WriteBehind(workers=2)
+    started, release = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        started.set()
+        release.wait()
+
+    writes.submit(lambda: writes.together([lambda: None, stuck]))
+    assert started.wait(60)
+    writes.close()  # returns at once: neither the write thread nor its helper is waited for
+    with pytest.raises(RuntimeError, match="closed"):
+        writes.together([lambda: None, lambda: None])
+    release.set()
+
+
+def test_with_several_outputs_each_sink_is_called_in_plan_order_one_call_at_a_time(tmp_path, monkeypatch):
+    """The outputs are written by two threads at once, each sink by one thread at a time, in plan order."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from ckpt_ema import plan_merge
+    from ckpt_ema.engine import merge_pass
+
+    monkeypatch.setattr(merge_pass, "WRITE_WORKERS", 2)
+    rng = np.random.default_rng(5)
+    names = [f"layer{i}.w" for i in range(6)]
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"step-{(i + 1) * 100}.safetensors"
+        save_file({n: rng.standard_normal(3000 + 7 * k).astype(np.float32) for k, n in enumerate(names)}, str(path))
+        paths.append(path)
+    plan = plan_merge(paths, decay=[0.99, 0.995, 0.999, 0.9995])
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+            self.threads: set[str] = set()
+            self.inside = False
+
+        def write(self, name: str, data: np.ndarray) -> None:
+            assert not self.inside, "a sink was called from two threads at once"
+            self.inside = True
+            self.threads.add(threading.current_thread().name)
+            if not self.calls or self.calls[-1] != name:
+                self.calls.append(name)
+            self.inside = False
+
+    sinks = [Recorder() for _ in plan.outputs]
+    for _ in merge_pass.MergePass(plan, sinks, chunk_elements=500):
+        pass
+    order = [t.name for t in plan.tensors]
+    assert all(sink.calls == order for sink in sinks)
+    assert set().union(*(sink.threads for sink in sinks)) == {"ckpt-ema-write", "ckpt-ema-write-1"}

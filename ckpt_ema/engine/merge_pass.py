@@ -39,6 +39,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -46,6 +47,7 @@ import numpy as np
 from ckpt_ema.engine import fused
 from ckpt_ema.engine.readahead import OnRead, ReadAhead, SpanSchedule, read_exactly
 from ckpt_ema.engine.writebehind import DEPTH as WRITE_DEPTH
+from ckpt_ema.engine.writebehind import WORKERS as WRITE_WORKERS
 from ckpt_ema.engine.writebehind import WriteBehind
 from ckpt_ema.errors import SettingError
 from ckpt_ema.io.identity import FileIdentity
@@ -359,7 +361,7 @@ class MergePass:
             )
         chunks = iter(reader) if reader is not None else iter(())
         span = _Span()
-        self._writes = WriteBehind()
+        self._writes = WriteBehind(workers=min(WRITE_WORKERS, len(self.sinks) + (self.rows_sink is not None)))
         try:
             index = 0
             for kind, item in self._segments:
@@ -398,7 +400,8 @@ class MergePass:
 
     def _write(self, pieces: _Pieces, outputs: np.ndarray, start: int, size: int) -> int:
         """Hand ``outputs[:, :size]`` (elements ``start:`` of the span) to the sinks, in the write thread."""
-        return self._writes.submit(lambda: pieces.write(outputs, start, size))
+        writes = self._writes
+        return writes.submit(lambda: pieces.write(outputs, start, size, writes.together))
 
     def _ring(self, out_name: str, chunk: int) -> _Ring:
         ring = self._rings.get(out_name)
@@ -677,6 +680,24 @@ class _Ring:
             writes.wait_for(ticket)
 
 
+Together = Callable[[Sequence[Callable[[], None]]], None]
+
+
+def _one_by_one(jobs: Sequence[Callable[[], None]]) -> None:
+    for job in jobs:
+        job()
+
+
+def _write_cuts(sink: TensorSink, output: np.ndarray, cuts: Sequence[tuple[str, int, int]]) -> None:
+    for name, lo, hi in cuts:
+        sink.write(name, output[lo:hi])
+
+
+def _write_rows(sink: RowsSink, outputs: np.ndarray, cuts: Sequence[tuple[str, int, int]]) -> None:
+    for name, lo, hi in cuts:
+        sink.write_rows(name, outputs[:, lo:hi])
+
+
 class _Pieces:
     """Hands each chunk of a span's outputs to the sinks, cut at the tensors' boundaries."""
 
@@ -691,18 +712,26 @@ class _Pieces:
             offset += numel
         self.index = 0
 
-    def write(self, outputs: np.ndarray, start: int, size: int) -> None:
-        """``outputs[k, :size]`` holds elements ``start:start+size`` of the span for output ``k``."""
-        stop = start + size
+    def write(self, outputs: np.ndarray, start: int, size: int, together: Together = _one_by_one) -> None:
+        """``outputs[k, :size]`` holds elements ``start:start+size`` of the span for output ``k``; each sink's
+        calls (and the rows sink's) are one job of ``together``, which may run the jobs at the same time."""
+        cuts = self._cuts(start, size)
+        jobs: list[Callable[[], None]] = [
+            partial(_write_cuts, sink, outputs[k], cuts) for k, sink in enumerate(self.sinks)
+        ]
+        if self.rows_sink is not None:
+            jobs.append(partial(_write_rows, self.rows_sink, outputs, cuts))
+        together(jobs)
+
+    def _cuts(self, start: int, size: int) -> list[tuple[str, int, int]]:
+        """(tensor, lo, hi) of the chunk's pieces, ``lo:hi`` counted from the chunk's start."""
+        stop, cuts = start + size, []
         while self.index < len(self.bounds):
             lo, hi, name = self.bounds[self.index]
             if lo >= stop:
-                return
-            a, b = max(lo, start), min(hi, stop)
-            for k, sink in enumerate(self.sinks):
-                sink.write(name, outputs[k, a - start : b - start])
-            if self.rows_sink is not None:
-                self.rows_sink.write_rows(name, outputs[:, a - start : b - start])
+                break
+            cuts.append((name, max(lo, start) - start, min(hi, stop) - start))
             if hi > stop:
-                return
+                break
             self.index += 1
+        return cuts
