@@ -48,7 +48,7 @@ from ckpt_ema.engine import fused
 from ckpt_ema.engine.readahead import OnRead, ReadAhead, SpanSchedule, read_exactly
 from ckpt_ema.engine.writebehind import DEPTH as WRITE_DEPTH
 from ckpt_ema.engine.writebehind import WORKERS as WRITE_WORKERS
-from ckpt_ema.engine.writebehind import WriteBehind
+from ckpt_ema.engine.writebehind import WriteBehind, one_by_one
 from ckpt_ema.errors import SettingError
 from ckpt_ema.io.identity import FileIdentity
 from ckpt_ema.io.safetensors_format import DTYPES, all_finite
@@ -683,11 +683,6 @@ class _Ring:
 Together = Callable[[Sequence[Callable[[], None]]], None]
 
 
-def _one_by_one(jobs: Sequence[Callable[[], None]]) -> None:
-    for job in jobs:
-        job()
-
-
 def _write_cuts(sink: TensorSink, output: np.ndarray, cuts: Sequence[tuple[str, int, int]]) -> None:
     for name, lo, hi in cuts:
         sink.write(name, output[lo:hi])
@@ -712,7 +707,7 @@ class _Pieces:
             offset += numel
         self.index = 0
 
-    def write(self, outputs: np.ndarray, start: int, size: int, together: Together = _one_by_one) -> None:
+    def write(self, outputs: np.ndarray, start: int, size: int, together: Together = one_by_one) -> None:
         """``outputs[k, :size]`` holds elements ``start:start+size`` of the span for output ``k``; each sink's
         calls (and the rows sink's) are one job of ``together``, which may run the jobs at the same time."""
         cuts = self._cuts(start, size)

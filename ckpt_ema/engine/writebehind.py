@@ -88,8 +88,7 @@ class WriteBehind:
         dealt out in turn; returns when every job is done, raising the first error (by job order)."""
         count = min(self.workers, len(jobs))
         if count < 2:
-            for job in jobs:
-                job()
+            one_by_one(jobs)
             return
         groups = [jobs[g::count] for g in range(count)]
         with self._cond:
@@ -98,10 +97,10 @@ class WriteBehind:
             if self._helpers is None:
                 self._helpers = _Helpers(self.workers - 1)
             helpers = self._helpers
-        futures = [helpers.submit(_run_all, group) for group in groups[1:]]
+        futures = [helpers.submit(one_by_one, group) for group in groups[1:]]
         errors: list[BaseException] = []
         try:
-            _run_all(groups[0])
+            one_by_one(groups[0])
         except BaseException as exc:
             errors.append(exc)
         for future in futures:
@@ -157,7 +156,8 @@ class WriteBehind:
                 self._cond.notify_all()
 
 
-def _run_all(jobs: Sequence[Callable[[], None]]) -> None:
+def one_by_one(jobs: Sequence[Callable[[], None]]) -> None:
+    """Run ``jobs`` in this thread, in order (``together`` with one worker)."""
     for job in jobs:
         job()
 
